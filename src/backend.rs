@@ -1,0 +1,228 @@
+//! The `VhostUserBackend` implementation: features, configuration space, memory, and event
+//! dispatch to the queue pairs.
+//!
+//! The backend itself holds no lock on the hot path: each queue pair has its own mutex, taken
+//! by that pair's worker thread (and briefly by the protocol thread on configuration changes).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use log::{info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::datapath::{EventRegistry, GuestMemory, QueuePair};
+use crate::stats::PairStats;
+use crate::virtio::config_space::NetConfigSpace;
+use crate::virtio::features::{self, Negotiated};
+
+impl EventRegistry for VringEpollHandler<NetBackend> {
+    fn register(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()> {
+        self.register_listener(fd, events, data)
+    }
+
+    fn unregister(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()> {
+        self.unregister_listener(fd, events, data)
+    }
+}
+
+struct Shared {
+    pairs: Vec<Mutex<QueuePair>>,
+    features: u64,
+    queue_size: usize,
+    config: Mutex<NetConfigSpace>,
+    acked: AtomicU64,
+}
+
+/// The vhost-user net backend. Cloning shares it: one instance serves every connection in turn,
+/// keeping its packet sockets.
+#[derive(Clone)]
+pub struct NetBackend {
+    shared: Arc<Shared>,
+}
+
+impl NetBackend {
+    pub fn new(
+        pairs: Vec<QueuePair>,
+        features: u64,
+        queue_size: u16,
+        config: NetConfigSpace,
+    ) -> NetBackend {
+        NetBackend {
+            shared: Arc::new(Shared {
+                pairs: pairs.into_iter().map(Mutex::new).collect(),
+                features,
+                queue_size: queue_size.into(),
+                config: Mutex::new(config),
+                acked: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn pair(&self, index: usize) -> Option<MutexGuard<'_, QueuePair>> {
+        // A worker that panicked while holding the lock leaves the pair usable: its state is
+        // plain data, rebuilt on the next connection.
+        self.shared
+            .pairs
+            .get(index)
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A frontend connected: hand each pair its worker's epoll handler.
+    pub fn attach(&self, handlers: &[Arc<VringEpollHandler<NetBackend>>]) {
+        for (i, h) in handlers.iter().enumerate() {
+            let weak: Weak<dyn EventRegistry> =
+                Arc::downgrade(h) as Weak<VringEpollHandler<NetBackend>>;
+            if let Some(mut p) = self.pair(i) {
+                p.attach(weak);
+            }
+        }
+    }
+
+    /// The frontend went away: forget its memory, rings and registrations.
+    pub fn detach(&self) {
+        for i in 0..self.shared.pairs.len() {
+            if let Some(mut p) = self.pair(i) {
+                p.detach();
+            }
+        }
+        self.shared.acked.store(0, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> Vec<PairStats> {
+        (0..self.shared.pairs.len())
+            .filter_map(|i| self.pair(i).map(|mut p| p.stats()))
+            .collect()
+    }
+
+    /// Features the current frontend acked (0 when none is connected).
+    pub fn acked_features(&self) -> u64 {
+        self.shared.acked.load(Ordering::Relaxed)
+    }
+
+    pub fn log_stats(&self, why: &str) {
+        for (i, s) in self.stats().iter().enumerate() {
+            info!("{why}: queue pair {i}: {s}");
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2 * self.shared.pairs.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.shared.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.features
+    }
+
+    fn acked_features(&self, acked: u64) {
+        self.shared.acked.store(acked, Ordering::Relaxed);
+        let negotiated = Negotiated::new(acked);
+        info!(
+            "frontend acked features {:#x}: {} ({}-byte headers)",
+            acked,
+            features::describe(acked),
+            negotiated.header_len()
+        );
+        for i in 0..self.shared.pairs.len() {
+            if let Some(mut p) = self.pair(i) {
+                if let Err(e) = p.set_features(negotiated) {
+                    warn!("queue pair {i}: {e}");
+                }
+            }
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        features::offered_protocol()
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // Read from the acked features by the datapath (see `Negotiated::event_idx`).
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.shared
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let changed = self
+            .shared
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(offset, buf)
+            .map_err(io::Error::other)?;
+        if let Some(mac) = changed {
+            info!("frontend set the guest MAC to {mac}");
+            for i in 0..self.shared.pairs.len() {
+                if let Some(p) = self.pair(i) {
+                    if let Err(e) = p.socket().add_membership(mac.0) {
+                        warn!("queue pair {i}: {e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        for i in 0..self.shared.pairs.len() {
+            if let Some(mut p) = self.pair(i) {
+                p.set_memory(mem.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per pair: RX queue 2i and TX queue 2i+1.
+        (0..self.shared.pairs.len())
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // The crate signals it when the connection's handler is dropped, ending that worker.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let q = queue_index as usize;
+        if let Some(mut p) = self.pair(q / 2) {
+            p.stop_ring(q % 2 == 0);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        match self.pair(thread_id) {
+            Some(mut p) => p.handle_event(device_event, vrings),
+            None => Ok(()),
+        }
+    }
+}

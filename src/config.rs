@@ -1,0 +1,295 @@
+//! Validated configuration: everything the daemon needs, checked before anything is opened.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// How the vhost-user connection is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Listen on this path; the frontend (QEMU, DPDK) connects. Accepts again after disconnects.
+    Server(PathBuf),
+    /// Connect to a frontend listening on this path, retrying until it appears.
+    Client(PathBuf),
+}
+
+impl Endpoint {
+    pub fn path(&self) -> &Path {
+        match self {
+            Endpoint::Server(p) | Endpoint::Client(p) => p,
+        }
+    }
+}
+
+/// Which virtio net header the packet socket carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VnetHeaderMode {
+    /// `PACKET_VNET_HDR_SZ` (Linux >= 6.4) when available, else the 10-byte fallback.
+    Auto,
+    /// Force the 10-byte `PACKET_VNET_HDR` with `num_buffers` handled in userspace, as on
+    /// kernels before 6.4.
+    Legacy10,
+}
+
+/// An Ethernet address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A stable, locally administered unicast address derived from `seed` (the socket path), so
+    /// that a guest keeps its MAC across backend restarts.
+    pub fn derived_from(seed: &[u8]) -> MacAddr {
+        // FNV-1a: small, stable across versions and platforms.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in seed {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let b = h.to_be_bytes();
+        // 0x02: locally administered, unicast.
+        MacAddr([0x02, b[1], b[2], b[3], b[4], b[5]])
+    }
+
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<MacAddr, String> {
+        let bad =
+            || format!("invalid MAC address '{s}': expected six hex bytes like 52:54:00:12:34:56");
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in out.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Smallest and largest MTU a virtio-net device may advertise (IPv4 minimum; u16 field).
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
+/// Largest virtqueue size we accept (and offer).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// The daemon's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub endpoint: Endpoint,
+    pub interface: String,
+    pub mac: MacAddr,
+    /// `None`: the interface's MTU.
+    pub mtu: Option<u16>,
+    pub queue_size: u16,
+    pub qdisc_bypass: bool,
+    pub promisc: bool,
+    pub vnet_header: VnetHeaderMode,
+}
+
+/// Unvalidated input, as the command line gives it.
+#[derive(Clone, Debug, Default)]
+pub struct RawConfig {
+    pub socket: Option<PathBuf>,
+    pub client: Option<PathBuf>,
+    pub interface: String,
+    pub mac: Option<String>,
+    pub mtu: Option<u32>,
+    pub queue_size: u32,
+    pub qdisc_bypass: bool,
+    pub promisc: bool,
+    pub legacy_vnet_header: bool,
+}
+
+impl Config {
+    pub fn validate(raw: RawConfig) -> Result<Config, Error> {
+        let endpoint = match (raw.socket, raw.client) {
+            (Some(p), None) => Endpoint::Server(p),
+            (None, Some(p)) => Endpoint::Client(p),
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "--socket and --client exclude each other".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "one of --socket PATH or --client PATH is required".into(),
+                ))
+            }
+        };
+        if raw.interface.is_empty()
+            || raw.interface.len() >= libc::IFNAMSIZ
+            || raw.interface.contains('/')
+        {
+            return Err(Error::InvalidArgument(format!(
+                "invalid interface name '{}': 1 to {} characters, no '/'",
+                raw.interface,
+                libc::IFNAMSIZ - 1
+            )));
+        }
+        let mac = match raw.mac {
+            Some(s) => {
+                let mac: MacAddr = s.parse().map_err(Error::InvalidArgument)?;
+                if !mac.is_unicast() {
+                    return Err(Error::InvalidArgument(format!(
+                        "--mac {mac} is a multicast address; a guest needs a unicast one"
+                    )));
+                }
+                mac
+            }
+            None => MacAddr::derived_from(endpoint.path().as_os_str().as_encoded_bytes()),
+        };
+        let mtu = match raw.mtu {
+            Some(m) if !MTU_RANGE.contains(&m) => {
+                return Err(Error::InvalidArgument(format!(
+                    "--mtu {m} is out of range ({}..={})",
+                    MTU_RANGE.start(),
+                    MTU_RANGE.end()
+                )))
+            }
+            Some(m) => Some(m as u16),
+            None => None,
+        };
+        let q = raw.queue_size;
+        if !(2..=u32::from(MAX_QUEUE_SIZE)).contains(&q) || !q.is_power_of_two() {
+            return Err(Error::InvalidArgument(format!(
+                "--queue-size {q} must be a power of two from 2 to {MAX_QUEUE_SIZE}"
+            )));
+        }
+        Ok(Config {
+            endpoint,
+            interface: raw.interface,
+            mac,
+            mtu,
+            queue_size: q as u16,
+            qdisc_bypass: raw.qdisc_bypass,
+            promisc: raw.promisc,
+            vnet_header: if raw.legacy_vnet_header {
+                VnetHeaderMode::Legacy10
+            } else {
+                VnetHeaderMode::Auto
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawConfig {
+        RawConfig {
+            socket: Some("/run/vhost-packet/net0.sock".into()),
+            interface: "eth3".into(),
+            queue_size: 1024,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::validate(raw()).unwrap();
+        assert_eq!(
+            c.endpoint,
+            Endpoint::Server("/run/vhost-packet/net0.sock".into())
+        );
+        assert_eq!(c.mtu, None);
+        assert_eq!(c.vnet_header, VnetHeaderMode::Auto);
+        assert!(c.mac.is_unicast());
+        assert_eq!(c.mac.0[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn derived_mac_is_stable_and_depends_on_the_path() {
+        let a = MacAddr::derived_from(b"/run/a.sock");
+        assert_eq!(a, MacAddr::derived_from(b"/run/a.sock"));
+        assert_ne!(a, MacAddr::derived_from(b"/run/b.sock"));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            "52:54:00:12:34:56".parse::<MacAddr>().unwrap().0,
+            [0x52, 0x54, 0, 0x12, 0x34, 0x56]
+        );
+        assert_eq!(
+            "52-54-00-12-34-5F".parse::<MacAddr>().unwrap().to_string(),
+            "52:54:00:12:34:5f"
+        );
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "5:54:00:12:34:56",
+            "zz:54:00:12:34:56",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+        let mut r = raw();
+        r.mac = Some("01:00:5e:00:00:01".into());
+        assert!(Config::validate(r)
+            .unwrap_err()
+            .to_string()
+            .contains("multicast"));
+    }
+
+    #[test]
+    fn bad_values_get_one_clear_message() {
+        type Tweak = Box<dyn Fn(&mut RawConfig)>;
+        let cases: Vec<(Tweak, &str)> = vec![
+            (
+                Box::new(|r| r.mtu = Some(67)),
+                "--mtu 67 is out of range (68..=65535)",
+            ),
+            (
+                Box::new(|r| r.mtu = Some(70000)),
+                "--mtu 70000 is out of range",
+            ),
+            (
+                Box::new(|r| r.queue_size = 2048),
+                "--queue-size 2048 must be a power of two",
+            ),
+            (Box::new(|r| r.queue_size = 1000), "--queue-size 1000"),
+            (
+                Box::new(|r| r.interface = "a-very-long-interface-name".into()),
+                "invalid interface name",
+            ),
+            (
+                Box::new(|r| r.socket = None),
+                "one of --socket PATH or --client PATH",
+            ),
+            (
+                Box::new(|r| r.client = Some("/x".into())),
+                "exclude each other",
+            ),
+        ];
+        for (tweak, want) in cases {
+            let mut r = raw();
+            tweak(&mut r);
+            let msg = Config::validate(r).unwrap_err().to_string();
+            assert!(msg.contains(want), "{msg:?} should contain {want:?}");
+        }
+    }
+}

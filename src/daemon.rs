@@ -1,0 +1,243 @@
+//! Serve frontends one connection after another, forever, keeping the packet sockets.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::NetBackend;
+use crate::config::{Config, Endpoint, VnetHeaderMode};
+use crate::datapath::{EventIds, QueuePair};
+use crate::error::Error;
+use crate::packet::interface::Interface;
+use crate::packet::probe::{probe_uso, UsoSupport};
+use crate::packet::socket::{PacketSocket, SocketOptions, VnetMode};
+use crate::virtio::config_space::NetConfigSpace;
+use crate::virtio::features::{self, OfferOptions};
+
+/// Queue pairs served. Multiqueue is a configuration change here, not a rewrite.
+const QUEUE_PAIRS: usize = 1;
+/// How often client mode retries while the frontend's socket is absent.
+const CLIENT_RETRY: Duration = Duration::from_millis(200);
+
+/// A configured daemon: interface and packet sockets open, vhost-user endpoint ready.
+pub struct Daemon {
+    config: Config,
+    backend: NetBackend,
+    listener: Option<Listener>,
+}
+
+impl Daemon {
+    /// Opens everything that can fail because of the user's input, so that errors surface
+    /// before the daemon starts serving.
+    pub fn new(config: Config) -> Result<Daemon, Error> {
+        let iface = Interface::by_name(&config.interface)?;
+        let iface_mtu = iface.mtu()?;
+        let mtu = match config.mtu {
+            Some(m) if u32::from(m) > iface_mtu => {
+                return Err(Error::MtuAboveInterface {
+                    mtu: m,
+                    interface: config.interface.clone(),
+                    interface_mtu: iface_mtu,
+                })
+            }
+            Some(m) => m,
+            None => iface_mtu.min(65535) as u16,
+        };
+        if !iface.is_up()? {
+            warn!(
+                "{} is down: serving anyway, traffic flows once it comes up",
+                config.interface
+            );
+        }
+
+        let opts = SocketOptions {
+            qdisc_bypass: config.qdisc_bypass,
+            promisc: config.promisc,
+            guest_mac: config.mac.0,
+            force_legacy_vnet_hdr: config.vnet_header == VnetHeaderMode::Legacy10,
+        };
+        let ids = EventIds::for_queue_count(2 * QUEUE_PAIRS);
+        let mut pairs = Vec::with_capacity(QUEUE_PAIRS);
+        for i in 0..QUEUE_PAIRS {
+            let socket = PacketSocket::open(&iface, &opts)?;
+            if i == 0 {
+                match socket.vnet_mode() {
+                    VnetMode::Native => info!("packet socket on {}: PACKET_VNET_HDR_SZ (10 or 12 bytes, as the guest negotiates)", config.interface),
+                    VnetMode::Legacy10 => info!("packet socket on {}: 10-byte PACKET_VNET_HDR, num_buffers handled in userspace", config.interface),
+                }
+            }
+            let pair = QueuePair::new(i, socket, ids)
+                .map_err(|e| Error::QueueSetup { pair: i, source: e })?;
+            pairs.push(pair);
+        }
+
+        let uso = probe_uso();
+        match &uso {
+            UsoSupport::Supported(how) => info!("USO offered: {how}"),
+            UsoSupport::Unsupported(why) => info!("USO not offered: {why}"),
+        }
+        let offered = features::offered(OfferOptions {
+            uso: uso.is_supported(),
+        });
+        let space = NetConfigSpace {
+            mac: config.mac,
+            max_virtqueue_pairs: QUEUE_PAIRS as u16,
+            mtu,
+        };
+        let backend = NetBackend::new(pairs, offered, config.queue_size, space);
+
+        let listener = match &config.endpoint {
+            Endpoint::Server(path) => {
+                prepare_socket_path(path)?;
+                let l = Listener::new(path, true).map_err(|e| Error::Listen {
+                    path: path.clone(),
+                    source: e,
+                })?;
+                Some(l)
+            }
+            Endpoint::Client(_) => None,
+        };
+        info!(
+            "serving {} for guest MAC {} (MTU {mtu}, queue size {}, features {})",
+            config.interface,
+            config.mac,
+            config.queue_size,
+            features::describe(offered)
+        );
+        Ok(Daemon {
+            config,
+            backend,
+            listener,
+        })
+    }
+
+    pub fn backend(&self) -> &NetBackend {
+        &self.backend
+    }
+
+    /// The socket file to remove at exit (server mode only).
+    pub fn socket_file(&self) -> Option<PathBuf> {
+        match &self.config.endpoint {
+            Endpoint::Server(p) => Some(p.clone()),
+            Endpoint::Client(_) => None,
+        }
+    }
+
+    /// Serves one frontend after another. Returns only on an error that retrying cannot fix.
+    pub fn run(mut self) -> Result<(), Error> {
+        match self.config.endpoint.clone() {
+            Endpoint::Server(path) => {
+                info!("listening on {}", path.display());
+                loop {
+                    let connected =
+                        self.serve_one(|d, l| d.start(l.expect("server mode has a listener")))?;
+                    if !connected {
+                        // accept() failed; do not spin on a persistent error.
+                        thread::sleep(CLIENT_RETRY);
+                    }
+                }
+            }
+            Endpoint::Client(path) => {
+                let path_str = path.to_string_lossy().into_owned();
+                let mut waiting_logged = false;
+                loop {
+                    let connected = self.serve_one(|d, _| {
+                        let r = d.start_client(&path_str);
+                        if r.is_err() && !waiting_logged {
+                            info!("waiting for a frontend to listen on {}", path.display());
+                            waiting_logged = true;
+                        }
+                        r
+                    })?;
+                    if connected {
+                        waiting_logged = false;
+                    } else {
+                        thread::sleep(CLIENT_RETRY);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection, start to end. Returns whether a frontend was connected.
+    fn serve_one(
+        &mut self,
+        start: impl FnOnce(
+            &mut VhostUserDaemon<NetBackend>,
+            Option<&mut Listener>,
+        ) -> vhost_user_backend::Result<()>,
+    ) -> Result<bool, Error> {
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-packet".to_string(),
+            self.backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(Error::Daemon)?;
+        // The workers exist from here on; give the pairs their epoll handlers before any
+        // message arrives, so that a ring enabled early can start polling at once.
+        self.backend.attach(&daemon.get_epoll_handlers());
+        let connected = match start(&mut daemon, self.listener.as_mut()) {
+            Ok(()) => {
+                info!("frontend connected");
+                match daemon.wait() {
+                    Ok(()) => info!("frontend disconnected"),
+                    Err(e) => info!("frontend connection ended: {e}"),
+                }
+                true
+            }
+            Err(e) => {
+                debug!("no frontend connection: {e}");
+                false
+            }
+        };
+        self.backend.detach();
+        if connected {
+            self.backend.log_stats("connection closed");
+        }
+        // Dropping the daemon ends and joins this connection's workers.
+        drop(daemon);
+        Ok(connected)
+    }
+}
+
+/// Refuses a socket path a live backend serves or whose directory is missing; removes a stale
+/// socket left by a crashed process.
+fn prepare_socket_path(path: &Path) -> Result<(), Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::SocketDirectoryMissing(path.to_path_buf()));
+    }
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::SocketPath {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketInUse(path.to_path_buf()));
+            }
+            info!("removing stale socket {}", path.display());
+            fs::remove_file(path).map_err(|e| Error::SocketPath {
+                path: path.to_path_buf(),
+                source: e,
+            })
+        }
+        Ok(_) => Err(Error::SocketPath {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
+        }),
+    }
+}

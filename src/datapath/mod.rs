@@ -1,0 +1,350 @@
+//! The datapath of one queue pair: its packet socket, RX and TX state, counters, and the events
+//! that drive them. Each pair is owned by one worker thread; nothing here is shared between
+//! pairs.
+
+pub mod offload;
+pub mod rx;
+pub mod tx;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Weak;
+
+use log::{debug, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::packet::error::PacketError;
+use crate::packet::socket::PacketSocket;
+use crate::stats::PairStats;
+use crate::virtio::features::Negotiated;
+use rx::{RxContext, RxOutcome, RxPath};
+use tx::{TxContext, TxOutcome, TxPath};
+
+/// Guest memory as the vhost-user crates hand it over.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Where a worker registers the file descriptors it wants to hear about. Implemented by the
+/// vhost-user crate's per-thread epoll handler.
+pub trait EventRegistry: Send + Sync {
+    fn register(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()>;
+    fn unregister(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()>;
+}
+
+/// Event ids of one pair's worker. Kicks are 0 (RX) and 1 (TX), the positions of the pair's
+/// vrings in its thread; our own descriptors must use ids above the queue count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventIds {
+    pub socket_readable: u16,
+    pub socket_writable: u16,
+    pub resched: u16,
+}
+
+impl EventIds {
+    pub const RX_KICK: u16 = 0;
+    pub const TX_KICK: u16 = 1;
+
+    pub fn for_queue_count(num_queues: usize) -> EventIds {
+        let base = num_queues as u16;
+        EventIds {
+            socket_readable: base + 1,
+            socket_writable: base + 2,
+            resched: base + 3,
+        }
+    }
+}
+
+/// One RX/TX queue pair.
+pub struct QueuePair {
+    index: usize,
+    socket: PacketSocket,
+    /// A second descriptor for the socket, registered for EPOLLOUT only while TX is blocked
+    /// (one epoll registration per descriptor, and readability is registered separately).
+    writable_fd: OwnedFd,
+    /// Self-notification when TX stops for fairness with work left.
+    resched: EventFd,
+    ids: EventIds,
+    registry: Option<Weak<dyn EventRegistry>>,
+    rx_armed: bool,
+    tx_armed: bool,
+    mem: Option<GuestMemory>,
+    features: Negotiated,
+    rx: RxPath,
+    tx: TxPath,
+    stats: PairStats,
+}
+
+impl QueuePair {
+    /// Errors are those of `dup(2)` and `eventfd(2)`.
+    pub fn new(index: usize, socket: PacketSocket, ids: EventIds) -> io::Result<QueuePair> {
+        let writable_fd = socket.try_clone()?;
+        let resched = EventFd::new(EFD_NONBLOCK)?;
+        Ok(QueuePair {
+            index,
+            socket,
+            writable_fd,
+            resched,
+            ids,
+            registry: None,
+            rx_armed: false,
+            tx_armed: false,
+            mem: None,
+            features: Negotiated::default(),
+            rx: RxPath::default(),
+            tx: TxPath::default(),
+            stats: PairStats::default(),
+        })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn socket(&self) -> &PacketSocket {
+        &self.socket
+    }
+
+    /// Counters, with the kernel's drop count for this socket folded in.
+    pub fn stats(&mut self) -> PairStats {
+        if let Ok((_, drops)) = self.socket.drops() {
+            self.stats.rx_drop_no_buffers += u64::from(drops);
+        }
+        self.stats
+    }
+
+    /// A new frontend connection: its worker's epoll handler.
+    pub fn attach(&mut self, registry: Weak<dyn EventRegistry>) {
+        self.detach();
+        if let Some(r) = registry.upgrade() {
+            if let Err(e) = r.register(
+                self.resched.as_raw_fd(),
+                EventSet::IN,
+                self.ids.resched.into(),
+            ) {
+                warn!(
+                    "queue pair {}: registering the reschedule event: {e}",
+                    self.index
+                );
+            }
+        }
+        self.registry = Some(registry);
+    }
+
+    /// The connection is gone: forget its rings, memory and registrations.
+    pub fn detach(&mut self) {
+        self.disarm_rx();
+        self.disarm_tx();
+        if let Some(r) = self.registry.take().and_then(|w| w.upgrade()) {
+            let _ = r.unregister(
+                self.resched.as_raw_fd(),
+                EventSet::IN,
+                self.ids.resched.into(),
+            );
+        }
+        self.mem = None;
+        self.features = Negotiated::default();
+        self.rx.reset();
+        self.tx.reset();
+    }
+
+    pub fn set_memory(&mut self, mem: GuestMemory) {
+        self.mem = Some(mem);
+    }
+
+    /// The guest acked its features: match the socket's header length to the guest's.
+    pub fn set_features(&mut self, features: Negotiated) -> Result<(), PacketError> {
+        self.features = features;
+        self.socket.set_vnet_header_len(features.header_len())
+    }
+
+    /// GET_VRING_BASE stopped one of our rings. Nothing is staged between passes (every pass
+    /// gives back the chains it did not fill), so `next_avail` is already exact; only stop
+    /// listening for what fed that ring.
+    pub fn stop_ring(&mut self, rx: bool) {
+        if rx {
+            self.disarm_rx();
+        } else {
+            self.disarm_tx();
+        }
+    }
+
+    pub fn handle_event(&mut self, event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
+        let (Some(rx_vring), Some(tx_vring)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        match event {
+            EventIds::RX_KICK => {
+                self.stats.rx_kicks += 1;
+                self.process_rx(rx_vring)
+            }
+            EventIds::TX_KICK => {
+                self.stats.tx_kicks += 1;
+                self.process_tx(tx_vring)
+            }
+            e if e == self.ids.socket_readable => self.process_rx(rx_vring),
+            e if e == self.ids.socket_writable => {
+                self.disarm_tx();
+                self.process_tx(tx_vring)
+            }
+            e if e == self.ids.resched => {
+                let _ = self.resched.read();
+                self.process_tx(tx_vring)
+            }
+            other => {
+                debug!("queue pair {}: ignoring event {other}", self.index);
+                Ok(())
+            }
+        }
+    }
+
+    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = self.mem.as_ref() else {
+            self.disarm_rx();
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            drop(state);
+            self.disarm_rx();
+            return Ok(());
+        }
+        // Whatever woke us, the guest need not kick RX while we are consuming its buffers.
+        let _ = state.get_queue_mut().disable_notification(&*mem);
+        loop {
+            let pass = self.rx.process(&mut RxContext {
+                queue: state.get_queue_mut(),
+                mem: &mem,
+                socket: &self.socket,
+                features: self.features,
+                stats: &mut self.stats,
+            });
+            if pass.notify {
+                state.signal_used_queue()?;
+            }
+            match pass.outcome {
+                RxOutcome::Drained | RxOutcome::Budget => {
+                    drop(state);
+                    self.arm_rx();
+                    return Ok(());
+                }
+                RxOutcome::NeedBuffers => {
+                    // Ask for a kick when the guest adds buffers beyond those we have seen;
+                    // if it added some meanwhile, carry on.
+                    let queue = state.get_queue_mut();
+                    let rewound = queue.next_avail();
+                    queue.set_next_avail(pass.avail_seen);
+                    let more = queue.enable_notification(&*mem).unwrap_or(false);
+                    queue.set_next_avail(rewound);
+                    if !more {
+                        drop(state);
+                        // Stop polling: the kernel queues (then drops and counts) meanwhile.
+                        self.disarm_rx();
+                        return Ok(());
+                    }
+                    let _ = queue.disable_notification(&*mem);
+                }
+            }
+        }
+    }
+
+    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = self.mem.as_ref() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() || self.tx_armed {
+            return Ok(());
+        }
+        loop {
+            let _ = state.get_queue_mut().disable_notification(&*mem);
+            let pass = self.tx.process(&mut TxContext {
+                queue: state.get_queue_mut(),
+                mem: &mem,
+                socket: &self.socket,
+                features: self.features,
+                stats: &mut self.stats,
+            });
+            if pass.notify {
+                state.signal_used_queue()?;
+            }
+            match pass.outcome {
+                TxOutcome::Drained => {
+                    if !state
+                        .get_queue_mut()
+                        .enable_notification(&*mem)
+                        .unwrap_or(false)
+                    {
+                        return Ok(());
+                    }
+                }
+                TxOutcome::Blocked => {
+                    drop(state);
+                    self.arm_tx();
+                    return Ok(());
+                }
+                TxOutcome::Budget => {
+                    // Let RX and other pairs' events run; come back through the eventfd.
+                    self.resched.write(1)?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn registry(&self) -> Option<std::sync::Arc<dyn EventRegistry>> {
+        self.registry.as_ref().and_then(|w| w.upgrade())
+    }
+
+    fn arm_rx(&mut self) {
+        if self.rx_armed {
+            return;
+        }
+        if let Some(r) = self.registry() {
+            let id = self.ids.socket_readable.into();
+            match r.register(self.socket.as_raw_fd(), EventSet::IN, id) {
+                Ok(()) => self.rx_armed = true,
+                Err(e) => warn!("queue pair {}: polling the packet socket: {e}", self.index),
+            }
+        }
+    }
+
+    fn disarm_rx(&mut self) {
+        if !self.rx_armed {
+            return;
+        }
+        self.rx_armed = false;
+        if let Some(r) = self.registry() {
+            let id = self.ids.socket_readable.into();
+            let _ = r.unregister(self.socket.as_raw_fd(), EventSet::IN, id);
+        }
+    }
+
+    fn arm_tx(&mut self) {
+        if self.tx_armed {
+            return;
+        }
+        if let Some(r) = self.registry() {
+            let id = self.ids.socket_writable.into();
+            match r.register(self.writable_fd.as_raw_fd(), EventSet::OUT, id) {
+                Ok(()) => self.tx_armed = true,
+                Err(e) => warn!("queue pair {}: waiting for socket room: {e}", self.index),
+            }
+        }
+    }
+
+    fn disarm_tx(&mut self) {
+        if !self.tx_armed {
+            return;
+        }
+        self.tx_armed = false;
+        if let Some(r) = self.registry() {
+            let id = self.ids.socket_writable.into();
+            let _ = r.unregister(self.writable_fd.as_raw_fd(), EventSet::OUT, id);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Offload fallbacks on RX: what the guest did not negotiate is done here in software, or the
+//! frame is refused. Never is a frame delivered with metadata the guest cannot interpret.
+
+use crate::virtio::chain::Scatter;
+use crate::virtio::features::Negotiated;
+use crate::virtio::header::{GsoKind, NetHeader, FLAG_DATA_VALID, FLAG_NEEDS_CSUM};
+use crate::wire::checksum::Checksum;
+use crate::wire::ethernet::EthernetFrame;
+
+/// What to do with a received frame, given its header and the guest's features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxVerdict {
+    /// Deliver; `complete_csum` asks for the checksum to be finished in software first.
+    Deliver { complete_csum: bool },
+    /// The frame is GSO and the guest cannot take that kind (software segmentation is a later
+    /// stage of this project); dropped and counted.
+    RefuseGso,
+}
+
+/// Decides how a received frame reaches this guest. `frame_head` is the start of the frame
+/// (enough for the Ethernet header and VLAN tags), used only to tell IPv4 from IPv6 for USO.
+pub fn rx_verdict<T: AsRef<[u8]>>(
+    hdr: &NetHeader<T>,
+    features: Negotiated,
+    frame_head: &[u8],
+) -> RxVerdict {
+    let kind = hdr.gso_kind();
+    if kind != GsoKind::None {
+        let mut ok = features.guest_accepts_gso(kind, hdr.gso_ecn());
+        if ok && kind == GsoKind::UdpL4 {
+            ok = features.guest_accepts_uso(is_ipv6(frame_head));
+        }
+        // A GSO frame always has a partial checksum; a guest without GUEST_CSUM cannot have
+        // negotiated GUEST_TSO (the spec makes TSO depend on it), but check anyway.
+        if !ok || !features.guest_csum() {
+            return RxVerdict::RefuseGso;
+        }
+    }
+    RxVerdict::Deliver {
+        complete_csum: hdr.needs_csum() && !features.guest_csum(),
+    }
+}
+
+fn is_ipv6(frame_head: &[u8]) -> bool {
+    EthernetFrame::new_checked(frame_head)
+        .ok()
+        .and_then(|f| f.network_offset().ok())
+        .map(|(ethertype, _)| ethertype == crate::wire::ethernet::ETHERTYPE_IPV6)
+        .unwrap_or(false)
+}
+
+/// The flags byte the guest may see: NEEDS_CSUM and DATA_VALID only with GUEST_CSUM.
+pub fn guest_flags(flags: u8, features: Negotiated) -> u8 {
+    if features.guest_csum() {
+        flags & (FLAG_NEEDS_CSUM | FLAG_DATA_VALID)
+    } else {
+        0
+    }
+}
+
+/// Why a checksum could not be completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CsumError {
+    /// `csum_start`/`csum_offset` point outside the frame.
+    OutOfFrame,
+}
+
+/// Finishes a partial checksum (NEEDS_CSUM) in place: the ones-complement sum from `csum_start`
+/// to the end of the frame, which already includes the pseudo-header seed the sender stored in
+/// the checksum field, is folded, inverted and written at `csum_start + csum_offset`.
+///
+/// `frame` views the frame only (not the virtio header); `frame_len` is its length.
+pub fn complete_checksum(
+    frame: &Scatter<'_>,
+    frame_offset: usize,
+    frame_len: usize,
+    csum_start: u16,
+    csum_offset: u16,
+) -> Result<(), CsumError> {
+    let start = usize::from(csum_start);
+    let field = start + usize::from(csum_offset);
+    if field + 2 > frame_len || start >= frame_len {
+        return Err(CsumError::OutOfFrame);
+    }
+    let mut sum = Checksum::new();
+    frame.for_each_chunk(frame_offset + start, frame_len - start, |chunk| {
+        sum.add_bytes(chunk);
+    });
+    let mut value = !sum.fold();
+    // UDP (its checksum field is 6 bytes in): 0 means "no checksum", so send all-ones instead.
+    if csum_offset == 6 && value == 0 {
+        value = 0xffff;
+    }
+    frame.write_at(frame_offset + field, &value.to_be_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::header::{GSO_TCPV4, GSO_UDP_L4, LEN_MRG};
+    use libc::iovec;
+    use virtio_bindings::virtio_net::*;
+
+    const fn bit(n: u32) -> u64 {
+        1 << n
+    }
+
+    /// Ethernet + IPv4 + TCP, 198.18.0.1:1234 -> 198.18.0.2:80, payload "hello world!",
+    /// with the pseudo-header seed in the TCP checksum field (what the kernel hands over
+    /// with NEEDS_CSUM), and the full checksum it must become.
+    fn tcp_frame() -> (Vec<u8>, u16) {
+        let payload = b"hello world!";
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        let total = (20 + 20 + payload.len()) as u16;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[198, 18, 0, 1]);
+        ip[16..20].copy_from_slice(&[198, 18, 0, 2]);
+        let tcp = &mut f[34..54];
+        tcp[0..2].copy_from_slice(&1234u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x18;
+        f.extend_from_slice(payload);
+        // Pseudo header: src, dst, proto, TCP length.
+        let l4_len = 20 + payload.len() as u32;
+        let mut seed = Checksum::new();
+        seed.add_bytes(&[198, 18, 0, 1, 198, 18, 0, 2, 0, 6]);
+        seed.add_bytes(&(l4_len as u16).to_be_bytes());
+        let seed = seed.fold();
+        // Reference full checksum over pseudo header + segment with a zero check field.
+        let mut full = Checksum::new();
+        full.add_bytes(&[198, 18, 0, 1, 198, 18, 0, 2, 0, 6]);
+        full.add_bytes(&(l4_len as u16).to_be_bytes());
+        full.add_bytes(&f[34..]);
+        let expected = !full.fold();
+        f[34 + 16..34 + 18].copy_from_slice(&seed.to_be_bytes());
+        (f, expected)
+    }
+
+    #[test]
+    fn completes_a_tcp_checksum_across_any_buffer_split() {
+        let (frame, expected) = tcp_frame();
+        for split in 1..frame.len() {
+            let mut data = frame.clone();
+            let (a, b) = data.split_at_mut(split);
+            let iovs = [
+                iovec {
+                    iov_base: a.as_mut_ptr().cast(),
+                    iov_len: a.len(),
+                },
+                iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                },
+            ];
+            // SAFETY: the iovecs point into `data`, alive and unaliased for this block.
+            let s = unsafe { Scatter::new(&iovs) };
+            complete_checksum(&s, 0, frame.len(), 34, 16).unwrap();
+            assert_eq!(
+                u16::from_be_bytes([data[50], data[51]]),
+                expected,
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_offsets_outside_the_frame() {
+        let (mut frame, _) = tcp_frame();
+        let len = frame.len();
+        let iovs = [iovec {
+            iov_base: frame.as_mut_ptr().cast(),
+            iov_len: len,
+        }];
+        // SAFETY: the iovec points at `frame`, alive for this test.
+        let s = unsafe { Scatter::new(&iovs) };
+        assert_eq!(
+            complete_checksum(&s, 0, len, 34, 65535),
+            Err(CsumError::OutOfFrame)
+        );
+        assert_eq!(
+            complete_checksum(&s, 0, len, len as u16, 0),
+            Err(CsumError::OutOfFrame)
+        );
+        assert_eq!(
+            complete_checksum(&s, 0, len, 34, (len - 35) as u16),
+            Err(CsumError::OutOfFrame)
+        );
+    }
+
+    fn header(flags: u8, gso: u8) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        h[0] = flags;
+        h[1] = gso;
+        h
+    }
+
+    #[test]
+    fn verdicts_follow_the_acked_features() {
+        let ipv4_frame = tcp_frame().0;
+        let hdr = header(FLAG_NEEDS_CSUM, GSO_TCPV4);
+        let hdr = NetHeader::new_checked(&hdr[..], LEN_MRG).unwrap();
+        let full = Negotiated::new(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4));
+        let csum_only = Negotiated::new(bit(VIRTIO_NET_F_GUEST_CSUM));
+        let none = Negotiated::new(0);
+        assert_eq!(
+            rx_verdict(&hdr, full, &ipv4_frame),
+            RxVerdict::Deliver {
+                complete_csum: false
+            }
+        );
+        assert_eq!(
+            rx_verdict(&hdr, csum_only, &ipv4_frame),
+            RxVerdict::RefuseGso
+        );
+        assert_eq!(rx_verdict(&hdr, none, &ipv4_frame), RxVerdict::RefuseGso);
+
+        let plain = header(FLAG_NEEDS_CSUM, 0);
+        let plain = NetHeader::new_checked(&plain[..], LEN_MRG).unwrap();
+        assert_eq!(
+            rx_verdict(&plain, none, &ipv4_frame),
+            RxVerdict::Deliver {
+                complete_csum: true
+            }
+        );
+        assert_eq!(
+            rx_verdict(&plain, csum_only, &ipv4_frame),
+            RxVerdict::Deliver {
+                complete_csum: false
+            }
+        );
+
+        // USO is per IP version.
+        let uso = header(FLAG_NEEDS_CSUM, GSO_UDP_L4);
+        let uso = NetHeader::new_checked(&uso[..], LEN_MRG).unwrap();
+        let uso6 = Negotiated::new(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_USO6));
+        assert_eq!(rx_verdict(&uso, uso6, &ipv4_frame), RxVerdict::RefuseGso);
+        let mut ipv6_frame = ipv4_frame.clone();
+        ipv6_frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(
+            rx_verdict(&uso, uso6, &ipv6_frame),
+            RxVerdict::Deliver {
+                complete_csum: false
+            }
+        );
+    }
+
+    #[test]
+    fn flags_are_cleared_without_guest_csum() {
+        let with = Negotiated::new(bit(VIRTIO_NET_F_GUEST_CSUM));
+        assert_eq!(guest_flags(FLAG_DATA_VALID, with), FLAG_DATA_VALID);
+        assert_eq!(guest_flags(FLAG_DATA_VALID | 0x40, with), FLAG_DATA_VALID);
+        assert_eq!(guest_flags(FLAG_DATA_VALID, Negotiated::new(0)), 0);
+    }
+}

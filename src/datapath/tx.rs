@@ -1,0 +1,316 @@
+//! TX: guest chains to the packet socket with no copy.
+//!
+//! One batch: pop up to [`BATCH`] chains, resolve each to iovecs over guest memory (the virtio
+//! header may share a descriptor with the frame or be split anywhere), check the header against
+//! what the guest negotiated, and hand the batch to `sendmmsg`. A frame the kernel refuses is a
+//! counted drop; `EAGAIN` keeps the unsent chains (rewound into the avail ring) and waits for the
+//! socket to become writable. Used elements are published once per batch.
+
+use std::io;
+use std::time::Duration;
+
+use libc::{iovec, mmsghdr};
+use log::warn;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::packet::socket::PacketSocket;
+use crate::stats::{PairStats, RateLimit};
+use crate::virtio::chain::{self, Access, Scatter};
+use crate::virtio::features::Negotiated;
+use crate::virtio::header::{GsoKind, NetHeader, LEN_BASE, LEN_MRG};
+use crate::virtio::used::{NotifyState, RingAddrs, UsedRing};
+
+/// Chains per sendmmsg.
+pub const BATCH: usize = 64;
+/// Batches per pass before other events get a turn.
+const BUDGET_BATCHES: usize = 4;
+/// An Ethernet header: the shortest frame the kernel takes.
+const MIN_FRAME: usize = 14;
+
+/// How a pass ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// The avail ring is empty.
+    Drained,
+    /// The socket is full: wait for it to become writable.
+    Blocked,
+    /// The budget ran out with chains left.
+    Budget,
+}
+
+/// What happens to one popped chain.
+#[derive(Clone, Copy, Debug)]
+enum Fate {
+    /// Send message `msg` of the batch.
+    Send { msg: usize, bytes: usize, gso: bool },
+    /// Return it unsent: the guest gets it back with a counted drop.
+    Drop,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    head: u16,
+    fate: Fate,
+}
+
+/// TX state of one queue pair.
+pub struct TxPath {
+    arena: Vec<iovec>,
+    carved: Vec<iovec>,
+    entries: Vec<Entry>,
+    /// (start, end) of each message's iovecs, in `arena` or `carved`.
+    msg_iov: Vec<(bool, usize, usize)>,
+    msgs: Vec<mmsghdr>,
+    pub notify: NotifyState,
+    log_limit: RateLimit,
+}
+
+// SAFETY: the raw pointers in the iovec and mmsghdr scratch buffers are only dereferenced
+// during a pass, which runs on one thread under the pair's lock with the guest memory guard
+// held; each pass rebuilds them before use.
+unsafe impl Send for TxPath {}
+
+impl Default for TxPath {
+    fn default() -> Self {
+        TxPath {
+            arena: Vec::with_capacity(BATCH * 4),
+            carved: Vec::with_capacity(BATCH * 4),
+            entries: Vec::with_capacity(BATCH),
+            msg_iov: Vec::with_capacity(BATCH),
+            msgs: Vec::with_capacity(BATCH),
+            notify: NotifyState::default(),
+            log_limit: RateLimit::new(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// What one pass needs besides its own state.
+pub struct TxContext<'a> {
+    pub queue: &'a mut Queue,
+    pub mem: &'a GuestMemoryMmap,
+    pub socket: &'a PacketSocket,
+    pub features: Negotiated,
+    pub stats: &'a mut PairStats,
+}
+
+/// Result of a pass.
+pub struct TxPass {
+    pub outcome: TxOutcome,
+    pub notify: bool,
+}
+
+impl TxPath {
+    pub fn reset(&mut self) {
+        self.notify = NotifyState::default();
+    }
+
+    pub fn process(&mut self, ctx: &mut TxContext<'_>) -> TxPass {
+        let addrs = RingAddrs {
+            avail: GuestAddress(ctx.queue.avail_ring()),
+            used: GuestAddress(ctx.queue.used_ring()),
+            size: ctx.queue.size(),
+        };
+        let mut notify = false;
+        let mut outcome = TxOutcome::Budget;
+        for _ in 0..BUDGET_BATCHES {
+            let mut used = UsedRing::new(addrs, ctx.queue.next_used());
+            let (popped, unsent) = self.send_batch(ctx, &mut used);
+            ctx.queue
+                .set_next_avail(ctx.queue.next_avail().wrapping_sub(unsent as u16));
+            match used.publish(ctx.mem) {
+                Ok(true) => {
+                    let n = used.needs_notification(
+                        ctx.mem,
+                        ctx.features.event_idx(),
+                        &mut self.notify,
+                    );
+                    ctx.stats.tx_notifications += u64::from(n);
+                    notify |= n;
+                }
+                Ok(false) => {}
+                Err(e) => self.log(format_args!("TX: {e}")),
+            }
+            ctx.queue.set_next_used(used.next_used());
+            if unsent > 0 {
+                ctx.stats.tx_backpressure += 1;
+                outcome = TxOutcome::Blocked;
+                break;
+            }
+            if popped < BATCH {
+                outcome = TxOutcome::Drained;
+                break;
+            }
+        }
+        TxPass { outcome, notify }
+    }
+
+    /// Pops, checks and sends one batch. Returns (chains popped, chains left unsent by EAGAIN).
+    fn send_batch(&mut self, ctx: &mut TxContext<'_>, used: &mut UsedRing) -> (usize, usize) {
+        self.arena.clear();
+        self.carved.clear();
+        self.entries.clear();
+        self.msg_iov.clear();
+        let hdr_len = ctx.features.header_len();
+        let kernel_hdr = ctx.socket.kernel_vnet_header_len();
+        let size = ctx.queue.size();
+
+        while self.entries.len() < BATCH {
+            let Some(desc_chain) = ctx.queue.pop_descriptor_chain(ctx.mem) else {
+                break;
+            };
+            let head = desc_chain.head_index();
+            if head >= size {
+                // Not a slot the used ring can name; nothing to give back or send.
+                ctx.stats.tx_drop_malformed += 1;
+                self.log(format_args!(
+                    "TX: avail ring names descriptor {head} of {size}"
+                ));
+                continue;
+            }
+            let fate = match chain::resolve(
+                ctx.mem,
+                head,
+                desc_chain,
+                Access::DeviceReads,
+                &mut self.arena,
+            ) {
+                Ok(c) => self.check(ctx, c.iov_range(), c.len as usize, hdr_len, kernel_hdr),
+                Err(e) => {
+                    ctx.stats.tx_drop_malformed += 1;
+                    self.log(format_args!("TX: guest chain {head}: {e}"));
+                    Fate::Drop
+                }
+            };
+            self.entries.push(Entry { head, fate });
+        }
+        let popped = self.entries.len();
+
+        self.msgs.clear();
+        for &(carved, start, end) in &self.msg_iov {
+            let iovs = if carved {
+                &self.carved[start..end]
+            } else {
+                &self.arena[start..end]
+            };
+            // SAFETY: an all-zero msghdr is valid (null name and control, no flags).
+            let mut m: mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iovs.as_ptr().cast_mut();
+            m.msg_hdr.msg_iovlen = iovs.len();
+            self.msgs.push(m);
+        }
+
+        // Send; `sent` counts messages the kernel has dealt with (sent or refused).
+        let mut sent = 0usize;
+        let mut refused: Vec<(usize, io::Error)> = Vec::new();
+        while sent < self.msgs.len() {
+            // SAFETY: every message's iovecs point into guest memory resolved for reading
+            // against the mapping the caller keeps alive for this pass.
+            match unsafe { ctx.socket.send_batch(&mut self.msgs[sent..]) } {
+                Ok(n) => sent += n.max(1),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    refused.push((sent, e));
+                    sent += 1;
+                }
+            }
+        }
+
+        // Complete entries in order up to the first unsent message.
+        let mut done = 0usize;
+        for i in 0..self.entries.len() {
+            let entry = self.entries[i];
+            let fate = entry.fate;
+            if let Fate::Send { msg, .. } = fate {
+                if msg >= sent {
+                    break;
+                }
+            }
+            done += 1;
+            let _ = used.push(ctx.mem, entry.head, 0);
+            if let Fate::Send { msg, bytes, gso } = fate {
+                match refused.iter().find(|(m, _)| *m == msg) {
+                    Some((_, e)) => {
+                        match e.raw_os_error() {
+                            Some(libc::EMSGSIZE) => ctx.stats.tx_drop_oversize += 1,
+                            _ => ctx.stats.tx_drop_kernel += 1,
+                        }
+                        self.log(format_args!(
+                            "TX: packet socket refused a {bytes}-byte frame: {e}"
+                        ));
+                    }
+                    None => {
+                        ctx.stats.tx_packets += 1;
+                        ctx.stats.tx_bytes += bytes as u64;
+                        ctx.stats.tx_gso += u64::from(gso);
+                    }
+                }
+            }
+        }
+        (popped, popped - done)
+    }
+
+    /// Checks a chain's header and frame and prepares its message, or decides to drop it.
+    fn check(
+        &mut self,
+        ctx: &mut TxContext<'_>,
+        iovs: std::ops::Range<usize>,
+        len: usize,
+        hdr_len: usize,
+        kernel_hdr: usize,
+    ) -> Fate {
+        if len < hdr_len + MIN_FRAME {
+            ctx.stats.tx_drop_malformed += 1;
+            self.log(format_args!(
+                "TX: {len}-byte chain is shorter than a header and a frame"
+            ));
+            return Fate::Drop;
+        }
+        // SAFETY: the iovecs were just resolved against the mapping the caller keeps alive.
+        let scatter = unsafe { Scatter::new(&self.arena[iovs.clone()]) };
+        let mut hdr_bytes = [0u8; LEN_MRG];
+        scatter.read_at(0, &mut hdr_bytes[..hdr_len]);
+        let hdr = NetHeader::new_checked(&hdr_bytes[..hdr_len], hdr_len)
+            .expect("header buffer sized by header_len");
+        let kind = hdr.gso_kind();
+        // Segmentation implies a partial checksum, so GSO needs CSUM as well as HOST_TSO/USO.
+        let wants_csum = hdr.needs_csum() || kind != GsoKind::None;
+        if !ctx.features.host_accepts_gso(kind, hdr.gso_ecn())
+            || (wants_csum && !ctx.features.host_csum())
+        {
+            ctx.stats.tx_drop_unnegotiated += 1;
+            self.log(format_args!(
+                "TX: dropped a frame with flags {:#x} gso_type {:#x} the guest did not negotiate",
+                hdr.flags(),
+                hdr.gso_type()
+            ));
+            return Fate::Drop;
+        }
+        let msg = self.msg_iov.len();
+        if kernel_hdr == hdr_len {
+            self.msg_iov.push((false, iovs.start, iovs.end));
+        } else {
+            // A 12-byte guest header on a 10-byte kernel header: skip num_buffers.
+            debug_assert_eq!((hdr_len, kernel_hdr), (LEN_MRG, LEN_BASE));
+            let start = self.carved.len();
+            chain::carve(&self.arena[iovs], len, LEN_BASE..LEN_MRG, &mut self.carved);
+            self.msg_iov.push((true, start, self.carved.len()));
+        }
+        Fate::Send {
+            msg,
+            bytes: len - hdr_len,
+            gso: kind != GsoKind::None,
+        }
+    }
+
+    fn log(&mut self, args: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.log_limit.check() {
+            if suppressed > 0 {
+                warn!("{args} ({suppressed} similar messages suppressed)");
+            } else {
+                warn!("{args}");
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The daemon's errors. Each message names the action and the object, so that a user sees one
+//! clear line ("binding packet socket to eth3: No such device").
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use crate::packet::error::PacketError;
+
+#[derive(Debug)]
+pub enum Error {
+    /// A command-line value is wrong; the message says which and why.
+    InvalidArgument(String),
+    /// Setting up the interface or the packet socket failed.
+    Packet(PacketError),
+    /// The requested MTU is larger than the interface can carry.
+    MtuAboveInterface {
+        mtu: u16,
+        interface: String,
+        interface_mtu: u32,
+    },
+    /// A live backend already serves this socket path.
+    SocketInUse(PathBuf),
+    /// The socket's directory does not exist.
+    SocketDirectoryMissing(PathBuf),
+    /// Anything else about the socket path (not a socket, no permission to remove, ...).
+    SocketPath { path: PathBuf, source: io::Error },
+    /// Creating the vhost-user listener failed.
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    /// The vhost-user daemon could not be created.
+    Daemon(vhost_user_backend::Error),
+    /// Preparing a queue pair's descriptors (dup, eventfd) failed.
+    QueueSetup { pair: usize, source: io::Error },
+    /// Blocking or waiting for signals failed.
+    Signals(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument(msg) => f.write_str(msg),
+            Error::Packet(e) => e.fmt(f),
+            Error::MtuAboveInterface { mtu, interface, interface_mtu } => write!(
+                f,
+                "--mtu {mtu} exceeds the MTU of {interface} ({interface_mtu}); raise the interface MTU first"
+            ),
+            Error::SocketInUse(p) => write!(
+                f,
+                "listening on {}: a running backend already serves this socket",
+                p.display()
+            ),
+            Error::SocketDirectoryMissing(p) => write!(
+                f,
+                "listening on {}: directory {} does not exist",
+                p.display(),
+                p.parent().map(|d| d.display().to_string()).unwrap_or_default()
+            ),
+            Error::SocketPath { path, source } => write!(f, "preparing socket {}: {source}", path.display()),
+            Error::Listen { path, source } => write!(f, "listening on {}: {source}", path.display()),
+            Error::Daemon(e) => write!(f, "creating the vhost-user daemon: {e}"),
+            Error::QueueSetup { pair, source } => write!(f, "setting up queue pair {pair}: {source}"),
+            Error::Signals(e) => write!(f, "setting up signal handling: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Packet(e) => Some(e),
+            Error::SocketPath { source, .. } => Some(source),
+            Error::Listen { source, .. } => Some(source),
+            Error::QueueSetup { source, .. } => Some(source),
+            Error::Signals(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<PacketError> for Error {
+    fn from(e: PacketError) -> Error {
+        Error::Packet(e)
+    }
+}

@@ -1,0 +1,18 @@
+//! vhost-packet: a vhost-user virtio-net backend that moves frames between a guest's virtio-net
+//! queues and a host interface through an AF_PACKET socket carrying the virtio net header.
+//!
+//! See docs/architecture.md for the threads and the life of one RX and one TX packet.
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod error;
+pub mod packet;
+pub mod signals;
+pub mod stats;
+pub mod virtio;
+pub mod wire;
+
+pub use config::Config;
+pub use error::Error;

@@ -1,0 +1,137 @@
+//! Command line, logging and signals; everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+
+use clap::Parser;
+use log::{error, info};
+
+use vhost_packet::config::{Config, RawConfig, MAX_QUEUE_SIZE};
+use vhost_packet::daemon::Daemon;
+use vhost_packet::signals::{self, Signal};
+
+/// A vhost-user virtio-net backend over an AF_PACKET socket.
+///
+/// Serves a virtio-net device to QEMU (`-netdev vhost-user`) or a DPDK virtio-user port and
+/// moves its frames through IFNAME, keeping checksum and segmentation offloads end to end.
+/// Needs CAP_NET_RAW. Never daemonizes; SIGINT/SIGTERM end it, SIGUSR1 logs the counters.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Listen on this vhost-user UNIX socket (server mode); the frontend connects to it.
+    /// Reconnections are accepted forever.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "client",
+        conflicts_with = "client"
+    )]
+    socket: Option<PathBuf>,
+
+    /// Connect to a frontend listening on this socket (QEMU `server=on`), retrying until it
+    /// appears and again after each disconnect.
+    #[arg(long, value_name = "PATH")]
+    client: Option<PathBuf>,
+
+    /// Host interface to attach to (NIC, VF, macvlan, veth).
+    #[arg(long, short = 'i', value_name = "IFNAME")]
+    interface: String,
+
+    /// Guest MAC address for the device's config space [default: a stable locally
+    /// administered address derived from the socket path].
+    #[arg(long, value_name = "MAC")]
+    mac: Option<String>,
+
+    /// MTU advertised to the guest, 68 to 65535 and at most the interface MTU
+    /// [default: the interface MTU].
+    #[arg(long, value_name = "BYTES")]
+    mtu: Option<u32>,
+
+    /// Largest virtqueue size the frontend may configure (a power of two).
+    #[arg(long, value_name = "N", default_value_t = u32::from(MAX_QUEUE_SIZE))]
+    queue_size: u32,
+
+    /// Send with PACKET_QDISC_BYPASS: faster, but skips the interface's qdisc, and GSO frames
+    /// the device cannot segment itself are dropped.
+    #[arg(long)]
+    qdisc_bypass: bool,
+
+    /// Put the interface in promiscuous mode instead of adding the guest MAC to its unicast
+    /// filter.
+    #[arg(long)]
+    promisc: bool,
+
+    /// Virtio net header on the packet socket: `auto` uses PACKET_VNET_HDR_SZ (Linux >= 6.4)
+    /// and falls back to 10 bytes on older kernels; `10` forces that fallback.
+    #[arg(long, value_name = "auto|10", default_value = "auto", value_parser = ["auto", "10"])]
+    vnet_hdr: String,
+
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("VHOST_PACKET_LOG")
+        .init();
+
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("vhost-packet: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
+    // Before any thread exists, so that all of them inherit the mask.
+    signals::block().map_err(vhost_packet::Error::Signals)?;
+    let config = Config::validate(RawConfig {
+        socket: cli.socket,
+        client: cli.client,
+        interface: cli.interface,
+        mac: cli.mac,
+        mtu: cli.mtu,
+        queue_size: cli.queue_size,
+        qdisc_bypass: cli.qdisc_bypass,
+        promisc: cli.promisc,
+        legacy_vnet_header: cli.vnet_hdr == "10",
+    })?;
+    let daemon = Daemon::new(config)?;
+
+    let backend = daemon.backend().clone();
+    let socket_file = daemon.socket_file();
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match signals::wait() {
+                Ok(Signal::DumpStats) => backend.log_stats("SIGUSR1"),
+                Ok(Signal::Terminate) => {
+                    backend.log_stats("exit");
+                    if let Some(path) = &socket_file {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    info!("exiting on signal");
+                    std::process::exit(0);
+                }
+                Err(e) => {
+                    error!("waiting for signals: {e}");
+                    std::process::exit(1);
+                }
+            }
+        })
+        .map_err(vhost_packet::Error::Signals)?;
+
+    daemon.run()
+}

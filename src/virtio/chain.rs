@@ -1,0 +1,359 @@
+//! Descriptor chains resolved to host iovecs, and a scatter view over them.
+//!
+//! The iovecs point straight into guest memory so that the packet socket reads and writes guest
+//! buffers with no copy. They are only valid while the guest memory mapping they were resolved
+//! against is alive: the datapath resolves, uses and forgets them within one processing pass,
+//! holding the memory guard throughout.
+
+use std::fmt;
+use std::ops::Range;
+
+use libc::iovec;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+/// Who writes the buffers of a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// RX: the device writes, every descriptor must be write-only.
+    DeviceWrites,
+    /// TX: the device reads, every descriptor must be read-only.
+    DeviceReads,
+}
+
+/// Why a chain was refused. Each is the guest's fault and costs it that chain only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainError {
+    /// A descriptor's direction does not match the queue (read-only on RX, write-only on TX).
+    WrongDirection { index: u16 },
+    /// A descriptor points outside guest memory.
+    BadAddress { addr: u64, len: u32 },
+    /// The chain has more segments than one system call can carry.
+    TooManySegments,
+    /// The chain ended before any usable byte.
+    Empty,
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainError::WrongDirection { index } => {
+                write!(
+                    f,
+                    "descriptor {index} has the wrong direction for this queue"
+                )
+            }
+            ChainError::BadAddress { addr, len } => {
+                write!(f, "descriptor {addr:#x}+{len} is outside guest memory")
+            }
+            ChainError::TooManySegments => write!(f, "chain has too many segments"),
+            ChainError::Empty => write!(f, "chain is empty"),
+        }
+    }
+}
+
+/// Most iovecs one chain may resolve to; sendmsg/recvmsg take at most `UIO_MAXIOV` (1024).
+pub const MAX_SEGMENTS: usize = 1024;
+
+/// One resolved chain: its head id, its iovecs in the arena, and its byte length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub head: u16,
+    pub iovs: (u32, u32),
+    pub len: u32,
+}
+
+impl Chain {
+    pub fn iov_range(&self) -> Range<usize> {
+        self.iovs.0 as usize..self.iovs.1 as usize
+    }
+}
+
+/// Resolves the descriptors of one chain into host iovecs appended to `arena`.
+///
+/// Zero-length descriptors are skipped. A descriptor that spans two guest memory regions becomes
+/// two iovecs. On error the arena is left as it was.
+pub fn resolve<M: GuestMemoryBackend>(
+    mem: &M,
+    head: u16,
+    descriptors: impl Iterator<Item = Descriptor>,
+    access: Access,
+    arena: &mut Vec<iovec>,
+) -> Result<Chain, ChainError> {
+    let start = arena.len();
+    let result = resolve_into(mem, descriptors, access, arena);
+    match result {
+        Ok(len) if len > 0 => Ok(Chain {
+            head,
+            iovs: (start as u32, arena.len() as u32),
+            len,
+        }),
+        Ok(_) => {
+            arena.truncate(start);
+            Err(ChainError::Empty)
+        }
+        Err(e) => {
+            arena.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+fn resolve_into<M: GuestMemoryBackend>(
+    mem: &M,
+    descriptors: impl Iterator<Item = Descriptor>,
+    access: Access,
+    arena: &mut Vec<iovec>,
+) -> Result<u32, ChainError> {
+    let start = arena.len();
+    let mut total: u32 = 0;
+    for (index, desc) in descriptors.enumerate() {
+        let wants_write = access == Access::DeviceWrites;
+        if desc.is_write_only() != wants_write {
+            return Err(ChainError::WrongDirection {
+                index: index as u16,
+            });
+        }
+        if desc.len() == 0 {
+            continue;
+        }
+        let bad = ChainError::BadAddress {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        // The descriptor iterator already refuses chains whose total exceeds u32.
+        total = total.checked_add(desc.len()).ok_or(bad)?;
+        let mut covered = 0usize;
+        for slice in
+            GuestMemoryBackend::get_slices(mem, GuestAddress(desc.addr().0), desc.len() as usize)
+        {
+            let slice = slice.map_err(|_| bad)?;
+            if arena.len() - start >= MAX_SEGMENTS {
+                return Err(ChainError::TooManySegments);
+            }
+            covered += slice.len();
+            arena.push(iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+        if covered != desc.len() as usize {
+            return Err(bad);
+        }
+    }
+    Ok(total)
+}
+
+/// Appends to `out` the iovecs covering bytes `[0, limit)` of `src`, minus the bytes in `hole`.
+///
+/// This is how a 10-byte kernel header meets a 12-byte guest header: the two `num_buffers` bytes
+/// are a hole the socket skips over. Returns the number of bytes covered.
+pub fn carve(src: &[iovec], limit: usize, hole: Range<usize>, out: &mut Vec<iovec>) -> usize {
+    let mut pos = 0usize;
+    let mut covered = 0usize;
+    for iov in src {
+        if pos >= limit {
+            break;
+        }
+        let seg = pos..(pos + iov.iov_len).min(limit);
+        // The part of `seg` before the hole, and the part after it.
+        for part in [
+            seg.start..seg.end.min(hole.start),
+            seg.start.max(hole.end)..seg.end,
+        ] {
+            if part.start < part.end {
+                out.push(iovec {
+                    // Pointer arithmetic inside the iovec's own range; nothing is dereferenced.
+                    iov_base: iov
+                        .iov_base
+                        .cast::<u8>()
+                        .wrapping_add(part.start - pos)
+                        .cast(),
+                    iov_len: part.end - part.start,
+                });
+                covered += part.end - part.start;
+            }
+        }
+        pos += iov.iov_len;
+    }
+    covered
+}
+
+/// A byte-addressed view over a list of iovecs (one chain, or several chains of one packet).
+pub struct Scatter<'a> {
+    iovs: &'a [iovec],
+}
+
+impl<'a> Scatter<'a> {
+    /// # Safety
+    ///
+    /// Every iovec in `iovs` must point to memory valid for reads and writes of `iov_len` bytes
+    /// for as long as the returned view is used. The memory may be shared with a guest that
+    /// changes it concurrently: it is only ever accessed as plain bytes.
+    pub unsafe fn new(iovs: &'a [iovec]) -> Scatter<'a> {
+        Scatter { iovs }
+    }
+
+    pub fn len(&self) -> usize {
+        self.iovs.iter().map(|v| v.iov_len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with each host pointer and length covering `[offset, offset + len)`, clipped
+    /// to the view.
+    fn for_each_segment(&self, offset: usize, len: usize, mut f: impl FnMut(*mut u8, usize)) {
+        let end = offset.saturating_add(len);
+        let mut pos = 0usize;
+        for iov in self.iovs {
+            let seg_end = pos + iov.iov_len;
+            let from = offset.max(pos);
+            let to = end.min(seg_end);
+            if from < to {
+                f(
+                    iov.iov_base.cast::<u8>().wrapping_add(from - pos),
+                    to - from,
+                );
+            }
+            if seg_end >= end {
+                break;
+            }
+            pos = seg_end;
+        }
+    }
+
+    /// Copies bytes starting at `offset` into `buf`; returns how many were available.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
+        let mut done = 0usize;
+        self.for_each_segment(offset, buf.len(), |ptr, n| {
+            // SAFETY: `ptr..ptr+n` lies inside one iovec, valid for reads per `Scatter::new`'s
+            // contract, and `buf[done..done+n]` is in bounds because the segments partition at
+            // most `buf.len()` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr().add(done), n) };
+            done += n;
+        });
+        done
+    }
+
+    /// Copies `buf` to `offset`; returns how many bytes fitted.
+    pub fn write_at(&self, offset: usize, buf: &[u8]) -> usize {
+        let mut done = 0usize;
+        self.for_each_segment(offset, buf.len(), |ptr, n| {
+            // SAFETY: as in `read_at`, with the iovec valid for writes.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(done), ptr, n) };
+            done += n;
+        });
+        done
+    }
+
+    /// Feeds the bytes of `[offset, offset + len)` to `f` in chunks, through a small bounce buffer
+    /// so that no Rust reference ever points at memory the guest may be writing.
+    pub fn for_each_chunk(&self, offset: usize, len: usize, mut f: impl FnMut(&[u8])) {
+        let mut bounce = [0u8; 2048];
+        self.for_each_segment(offset, len, |ptr, n| {
+            let mut done = 0;
+            while done < n {
+                let take = (n - done).min(bounce.len());
+                // SAFETY: `ptr+done..ptr+done+take` lies inside one iovec, valid for reads per
+                // `Scatter::new`'s contract; `bounce` holds `take` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(ptr.add(done), bounce.as_mut_ptr(), take) };
+                f(&bounce[..take]);
+                done += take;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::GuestMemoryMmap;
+
+    fn iov(buf: &mut [u8]) -> iovec {
+        iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn scatter_reads_and_writes_across_segments() {
+        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 1], [0u8; 5]);
+        let iovs = [iov(&mut a), iov(&mut b), iov(&mut c)];
+        // SAFETY: the iovecs point at the three local arrays, alive for the whole test.
+        let s = unsafe { Scatter::new(&iovs) };
+        assert_eq!(s.len(), 9);
+        assert_eq!(s.write_at(2, &[1, 2, 3, 4]), 4);
+        assert_eq!(s.write_at(8, &[9, 9]), 1, "clipped at the end");
+        let mut out = [0u8; 9];
+        assert_eq!(s.read_at(0, &mut out), 9);
+        assert_eq!(out, [0, 0, 1, 2, 3, 4, 0, 0, 9]);
+        let mut seen = Vec::new();
+        s.for_each_chunk(1, 6, |chunk| seen.extend_from_slice(chunk));
+        assert_eq!(seen, [0, 1, 2, 3, 4, 0]);
+        assert_eq!(s.read_at(20, &mut out), 0);
+    }
+
+    #[test]
+    fn carve_skips_the_hole_at_any_split() {
+        let mut data: Vec<u8> = (0..40).collect();
+        for split in 1..20 {
+            let (x, y) = data.split_at_mut(split);
+            let src = [iov(x), iov(y)];
+            let mut out = Vec::new();
+            let covered = carve(&src, 30, 10..12, &mut out);
+            assert_eq!(covered, 28);
+            let mut got = Vec::new();
+            for v in &out {
+                // SAFETY: the carved iovecs point inside `data`, which outlives this loop body.
+                let s = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                got.extend_from_slice(s);
+            }
+            let want: Vec<u8> = (0..10).chain(12..30).collect();
+            assert_eq!(got, want, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn resolve_checks_direction_and_bounds() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        let w = VRING_DESC_F_WRITE as u16;
+        let mut arena = Vec::new();
+        // Straddles the two regions: two iovecs.
+        let descs = [
+            Descriptor::new(0xff0, 0x20, w | VRING_DESC_F_NEXT as u16, 1),
+            Descriptor::new(0x100, 0, w, 0),
+        ];
+        let c = resolve(&mem, 3, descs.into_iter(), Access::DeviceWrites, &mut arena).unwrap();
+        assert_eq!((c.head, c.len, c.iov_range()), (3, 0x20, 0..2));
+        // Wrong direction.
+        let descs = [Descriptor::new(0, 16, 0, 0)];
+        let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceWrites, &mut arena);
+        assert_eq!(e, Err(ChainError::WrongDirection { index: 0 }));
+        let descs = [Descriptor::new(0, 16, w, 0)];
+        let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceReads, &mut arena);
+        assert_eq!(e, Err(ChainError::WrongDirection { index: 0 }));
+        // Outside memory, and running off its end.
+        for (addr, len) in [(0x5000u64, 16u32), (0x1ff0, 0x20), (u64::MAX - 4, 16)] {
+            let descs = [Descriptor::new(addr, len, w, 0)];
+            let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceWrites, &mut arena);
+            assert_eq!(e, Err(ChainError::BadAddress { addr, len }));
+        }
+        // Only zero-length descriptors.
+        let descs = [Descriptor::new(0, 0, w, 0)];
+        let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceWrites, &mut arena);
+        assert_eq!(e, Err(ChainError::Empty));
+        assert_eq!(
+            arena.len(),
+            2,
+            "failed resolutions leave the arena untouched"
+        );
+    }
+}
