@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -39,6 +39,9 @@ impl Daemon {
     /// Opens everything that can fail because of the user's input, so that errors surface
     /// before the daemon starts serving.
     pub fn new(config: Config) -> Result<Daemon, Error> {
+        if let Endpoint::Server(path) = &config.endpoint {
+            prepare_socket_path(path)?;
+        }
         let iface = Interface::by_name(&config.interface)?;
         let iface_mtu = iface.mtu()?;
         let mtu = match config.mtu {
@@ -97,7 +100,6 @@ impl Daemon {
 
         let listener = match &config.endpoint {
             Endpoint::Server(path) => {
-                prepare_socket_path(path)?;
                 let l = Listener::new(path, true).map_err(|e| Error::Listen {
                     path: path.clone(),
                     source: e,
@@ -189,8 +191,11 @@ impl Daemon {
             Ok(()) => {
                 info!("frontend connected");
                 match daemon.wait() {
-                    Ok(()) => info!("frontend disconnected"),
-                    Err(e) => info!("frontend connection ended: {e}"),
+                    Ok(())
+                    | Err(vhost_user_backend::Error::HandleRequest(
+                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                    )) => info!("frontend disconnected"),
+                    Err(e) => warn!("frontend connection ended: {e}"),
                 }
                 true
             }

@@ -87,7 +87,6 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
             eprintln!("vhost-packet: {e}");
             ExitCode::FAILURE
         }

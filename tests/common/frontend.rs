@@ -31,6 +31,7 @@
 //!        .set_rx_autorefill(bool)                  re-post each consumed chain (same shape) and kick
 //!        .rx_used_idx() -> u16 (device's used.idx)  .rx_calls() -> u64  .rx_kicks() -> u64
 //!        .rx_outstanding() -> usize                chains posted and not yet returned
+//!        .rx_partial_entries() / .discard_rx_partial()   a packet still missing buffers after a timeout
 //!   TX:  .send(header, frame, TxLayout) -> u16 (head) / .try_send(..) -> Option<u16>
 //!        TxLayout::{Combined, Separate, SplitAt(Vec<usize>), Indirect, IndirectSplitAt(Vec<usize>)}
 //!        .kick_tx() / .kick_tx_if_needed() -> bool
@@ -246,7 +247,7 @@ impl Hdr {
     }
 
     /// Serialize into `len` bytes (see [`vnet_header`]); a missing num_buffers is written as 0.
-    pub fn to_bytes(&self, len: usize) -> Vec<u8> {
+    pub fn to_bytes(self, len: usize) -> Vec<u8> {
         vnet_header(
             self.flags,
             self.gso_type,
@@ -524,8 +525,15 @@ struct BufAlloc {
 }
 
 impl BufAlloc {
+    /// Size class: multiples of 64 up to 4 KiB, powers of two above, so a long test with many
+    /// different frame sizes keeps reusing a bounded set of free lists.
     fn rounded(size: u32) -> u64 {
-        u64::from(size.max(1)).next_multiple_of(BUF_ALIGN)
+        let s = u64::from(size.max(1));
+        if s <= 4096 {
+            s.next_multiple_of(BUF_ALIGN)
+        } else {
+            s.next_power_of_two()
+        }
     }
 
     fn alloc(&mut self, size: u32) -> Option<u64> {
@@ -795,7 +803,11 @@ impl TestFrontend {
             mem.store_u16(0, ring.avail, Ordering::Relaxed);
             mem.store_u16(self.ring_base, ring.avail_idx_addr(), Ordering::Relaxed);
             mem.store_u16(self.ring_base, ring.used_event_addr(), Ordering::Relaxed);
+            // The driver zeroes the used ring before handing it over; with a non-zero base the
+            // equivalent is used.idx = avail_event = base.
+            mem.store_u16(0, ring.used, Ordering::Relaxed);
             mem.store_u16(self.ring_base, ring.used_idx_addr(), Ordering::Relaxed);
+            mem.store_u16(self.ring_base, ring.avail_event_addr(), Ordering::Relaxed);
             fence(Ordering::SeqCst);
 
             let kick = EventFd::new(libc::EFD_NONBLOCK)
@@ -1301,6 +1313,16 @@ impl TestFrontend {
             num_buffers: need,
             heads,
         })
+    }
+
+    /// Used entries already taken for a packet whose remaining buffers have not arrived.
+    pub fn rx_partial_entries(&self) -> usize {
+        self.rx_partial.len()
+    }
+
+    /// Drop a partly gathered packet (its buffers were already freed or re-posted).
+    pub fn discard_rx_partial(&mut self) {
+        self.rx_partial.clear();
     }
 
     pub fn rx_used_idx(&self) -> u16 {

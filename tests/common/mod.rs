@@ -1,4 +1,7 @@
 //! Helpers shared by the integration tests. Not every test uses every helper.
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod frontend;
 pub mod netns;
+pub mod packets;

@@ -1,0 +1,183 @@
+//! Runs the real vhost-packet binary inside a test namespace, with its log in a file so that
+//! tests can read its counters (SIGUSR1) and connection events.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::netns::NetNs;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A running vhost-packet process; killed (by its PID) and its socket removed on drop.
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+/// A unique socket path for this process and test.
+pub fn socket_path(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "vhost-packet-{tag}-{}-{n}.sock",
+        std::process::id()
+    ))
+}
+
+impl Daemon {
+    /// Starts `vhost-packet --socket <unique> --interface iface <extra...>` in `ns` and waits
+    /// until it listens.
+    pub fn start(ns: &NetNs, iface: &str, extra: &[&str]) -> Daemon {
+        let socket = socket_path("test");
+        Daemon::start_at(ns, iface, &socket, extra)
+    }
+
+    pub fn start_at(ns: &NetNs, iface: &str, socket: &Path, extra: &[&str]) -> Daemon {
+        let log = socket.with_extension("log");
+        let socket_s = socket.to_str().unwrap().to_string();
+        let mut args = vec![
+            env!("CARGO_BIN_EXE_vhost-packet"),
+            "--socket",
+            &socket_s,
+            "--interface",
+            iface,
+        ];
+        args.extend_from_slice(extra);
+        let child = ns
+            .command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create daemon log"))
+            .spawn()
+            .expect("spawn vhost-packet");
+        let d = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        };
+        d.wait_for_log("listening on", Duration::from_secs(10));
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` `count` times; panics with the log otherwise.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return;
+            }
+            if let Ok(Some(status)) = self.child_status() {
+                panic!(
+                    "vhost-packet exited ({status}) while waiting for {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {needle:?} in the vhost-packet log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        self.wait_for_log_count(needle, 1, timeout);
+    }
+
+    fn child_status(&self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        // try_wait needs &mut; peek through /proc instead to keep &self.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        Ok(if state == Some("Z") {
+            Some(std::process::ExitStatus::default())
+        } else {
+            None
+        })
+    }
+
+    /// Sends a signal to this process.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Asks for the counters (SIGUSR1) and parses the newest line, e.g. `rx.packets`,
+    /// `rx.drops.oversize`, `tx.drops.kernel`.
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let before = self.log().matches("SIGUSR1: queue pair 0:").count();
+        self.signal(libc::SIGUSR1);
+        self.wait_for_log_count("SIGUSR1: queue pair 0:", before + 1, Duration::from_secs(5));
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("SIGUSR1: queue pair 0:"))
+            .expect("stats line");
+        parse_stats(line)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log()
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().expect("wait for vhost-packet");
+        (status, self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Parses a counters line into `rx.packets`-style keys.
+pub fn parse_stats(line: &str) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    let body = line.split("queue pair 0: ").nth(1).unwrap_or(line);
+    for section in body.split("; ") {
+        let mut words = section.split_whitespace();
+        let Some(dir) = words.next() else { continue };
+        let mut prefix = dir.to_string();
+        for w in words {
+            let mut w = w;
+            if let Some(rest) = w.strip_prefix("drops[") {
+                prefix = format!("{dir}.drops");
+                w = rest;
+            }
+            let w = w.trim_end_matches(']');
+            if let Some((k, v)) = w.split_once('=') {
+                if let Ok(v) = v.parse() {
+                    out.insert(format!("{prefix}.{k}"), v);
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,520 @@
+//! End to end through the real binary: a Rust virtio driver (tests/common/frontend.rs) over
+//! vhost-user on one side, a veth whose peer sits in a namespace with a real kernel TCP/IP stack
+//! on the other. Needs root; under CI=true missing tools fail the test.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use common::daemon::Daemon;
+use common::frontend::{feat, hdr as vhdr, vnet_header, FrontendConfig, TestFrontend, TxLayout};
+use common::netns::{require_root_and_tools, veth_pair, NetNs};
+use common::packets::*;
+use vhost_packet::packet::interface::Interface;
+use vhost_packet::packet::socket::{PacketSocket, SocketOptions};
+
+const T: Duration = Duration::from_secs(5);
+
+/// Offloads a Linux guest asks for.
+const GUEST_FEATURES: u64 = feat::VERSION_1
+    | feat::MRG_RXBUF
+    | feat::EVENT_IDX
+    | feat::INDIRECT_DESC
+    | feat::CSUM
+    | feat::GUEST_CSUM
+    | feat::HOST_TSO4
+    | feat::HOST_TSO6
+    | feat::HOST_ECN
+    | feat::GUEST_TSO4
+    | feat::GUEST_TSO6
+    | feat::GUEST_ECN
+    | feat::MAC
+    | feat::MTU
+    | feat::STATUS
+    | feat::PROTOCOL_FEATURES;
+
+/// A host namespace (vhost-packet on `vh0`) and a peer namespace (`vp0`, 198.18.0.2, a real
+/// kernel stack that knows the guest's MAC for 198.18.0.1).
+struct Rig {
+    daemon: Daemon,
+    peer_mac: [u8; 6],
+    // Dropped last: the daemon dies before its namespace goes.
+    peer: NetNs,
+    _host: NetNs,
+}
+
+fn rig(extra: &[&str]) -> Option<Rig> {
+    if !require_root_and_tools(&["ip", "ethtool"]) {
+        return None;
+    }
+    let host = NetNs::new("vph");
+    let peer = NetNs::new("vpp");
+    veth_pair(&host, "vh0", &peer, "vp0");
+    peer.add_addr("vp0", "198.18.0.2/24");
+    peer.add_neigh("vp0", "198.18.0.1", "02:00:00:00:00:01");
+    let peer_mac = peer.mac("vp0");
+    let mut args = vec!["--mac", "02:00:00:00:00:01"];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(&host, "vh0", &args);
+    Some(Rig {
+        daemon,
+        peer_mac,
+        peer,
+        _host: host,
+    })
+}
+
+fn guest(rig: &Rig, features: u64, rx_buffers: &[(usize, u32)]) -> TestFrontend {
+    let mut fe = TestFrontend::connect(&rig.daemon.socket, T);
+    fe.start(FrontendConfig {
+        features,
+        queue_size: 1024,
+        mem_size: 64 << 20,
+    });
+    for &(count, size) in rx_buffers {
+        fe.post_rx_buffers(count, size);
+    }
+    fe.set_rx_autorefill(true);
+    fe.kick_rx();
+    fe
+}
+
+/// A packet socket in the peer namespace: injects frames into vp0 and captures what arrives.
+fn peer_socket(rig: &Rig) -> PacketSocket {
+    rig.peer.enter_thread(|| {
+        let iface = Interface::by_name("vp0").unwrap();
+        PacketSocket::open(&iface, &SocketOptions::default()).unwrap()
+    })
+}
+
+/// Next frame on a peer capture socket that satisfies `want`, without its vnet header.
+fn capture(sock: &PacketSocket, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    let deadline = std::time::Instant::now() + T;
+    let mut buf = vec![0u8; 70000];
+    while std::time::Instant::now() < deadline {
+        match sock.recv_vectored(&mut [std::io::IoSliceMut::new(&mut buf)]) {
+            Ok(r) => {
+                let frame = &buf[12..r.len.min(buf.len())];
+                if want(frame) {
+                    return Some(frame.to_vec());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => panic!("capture: {e}"),
+        }
+    }
+    None
+}
+
+/// Receives until `want` matches a frame (answering ARP on the way).
+fn recv_matching(
+    fe: &mut TestFrontend,
+    want: impl Fn(&[u8]) -> bool,
+) -> Option<common::frontend::RxPacket> {
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
+        if let Some(p) = fe.recv(Duration::from_millis(100)) {
+            if want(&p.frame) {
+                return Some(p);
+            }
+            answer_arp(fe, &p.frame);
+        }
+    }
+    None
+}
+
+fn ping(fe: &mut TestFrontend, peer_mac: [u8; 6], seq: u16) {
+    let data = pattern(56, u32::from(seq));
+    let echo = ethernet(
+        peer_mac,
+        GUEST_MAC,
+        ETH_IPV4,
+        &ipv4(GUEST_IP, PEER_IP, 1, seq, &icmp_echo(0x77, seq, &data)),
+    );
+    let h = plain_header(fe);
+    send_frame(fe, &h, &echo);
+    let reply = recv_matching(fe, |f| {
+        f.len() >= 42
+            && f[12..14] == [8, 0]
+            && f[23] == 1
+            && f[34] == 0
+            && f[38..40] == 0x77u16.to_be_bytes()
+            && f[40..42] == seq.to_be_bytes()
+    })
+    .unwrap_or_else(|| panic!("no echo reply for seq {seq}"));
+    assert_eq!(&reply.frame[42..42 + 56], &data[..], "echo data comes back");
+    assert_eq!(
+        ipv4_l4_checksums_ok(&reply.frame),
+        None,
+        "ICMP: not TCP/UDP"
+    );
+}
+
+#[test]
+fn a_frames_both_ways_byte_exact_and_ping() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(256, 1536)]);
+    let acked = fe.acked_features();
+    eprintln!(
+        "negotiated features: {}",
+        vhost_packet::virtio::features::describe(acked)
+    );
+    assert_eq!(
+        acked & GUEST_FEATURES,
+        GUEST_FEATURES,
+        "everything a Linux guest asks for is offered"
+    );
+    let cfg = fe.get_config(0, 12);
+    assert_eq!(&cfg[0..6], &GUEST_MAC, "config space MAC");
+    assert_eq!(&cfg[6..8], &[1, 0], "link up");
+    assert_eq!(
+        u16::from_le_bytes([cfg[10], cfg[11]]),
+        1500,
+        "MTU defaults to the interface's"
+    );
+
+    let cap = peer_socket(&rig);
+    // Guest to peer, for every descriptor layout.
+    let layouts = [
+        TxLayout::Combined,
+        TxLayout::Separate,
+        TxLayout::SplitAt(vec![5, 11, 13, 40]),
+        TxLayout::Indirect,
+    ];
+    for (i, layout) in layouts.into_iter().enumerate() {
+        let frame = ethernet(
+            rig.peer_mac,
+            GUEST_MAC,
+            ETH_EXPERIMENTAL,
+            &pattern(100 + i * 333, i as u32),
+        );
+        fe.send(&plain_header(&fe), &frame, layout);
+        fe.kick_tx();
+        assert_eq!(fe.wait_tx_used(1, T).len(), 1);
+        let got = capture(&cap, |f| {
+            f.len() > 14 && f[12..14] == ETH_EXPERIMENTAL.to_be_bytes()
+        })
+        .expect("frame reaches the peer");
+        assert_eq!(got, frame, "guest-to-peer frame {i} arrives byte for byte");
+    }
+    // Peer to guest.
+    let frame = ethernet(GUEST_MAC, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(1000, 9));
+    cap.send_vectored(&[
+        std::io::IoSlice::new(&[0u8; 12]),
+        std::io::IoSlice::new(&frame),
+    ])
+    .unwrap();
+    let p = recv_matching(&mut fe, |f| f == &frame[..]).expect("frame reaches the guest");
+    assert_eq!(p.hdr().flags, 0);
+    assert_eq!(p.num_buffers, 1);
+
+    // ARP and ping against the peer's kernel.
+    let h = plain_header(&fe);
+    send_frame(&mut fe, &h, &arp_request(GUEST_MAC, GUEST_IP, PEER_IP));
+    let reply = recv_matching(&mut fe, |f| {
+        f.len() >= 42 && f[12..14] == ETH_ARP.to_be_bytes() && f[20..22] == [0, 2]
+    })
+    .expect("ARP reply");
+    assert_eq!(
+        &reply.frame[22..28],
+        &rig.peer_mac,
+        "peer answers with its MAC"
+    );
+    for seq in 1..=5 {
+        ping(&mut fe, rig.peer_mac, seq);
+    }
+    let s = rig.daemon.stats();
+    // 4 layouts + ARP + 5 echo requests; 1 injected frame + ARP reply + 5 echo replies.
+    assert!(s["tx.packets"] >= 10 && s["rx.packets"] >= 7, "{s:?}");
+}
+
+#[test]
+fn b_tso_frame_from_guest_reaches_a_kernel_listener() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(256, 4096)]);
+    let listener = rig
+        .peer
+        .enter_thread(|| TcpListener::bind("198.18.0.2:5001").unwrap());
+    let payload = pattern(60000, 7);
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.set_read_timeout(Some(T)).unwrap();
+        while got.len() < 60000 {
+            let mut buf = [0u8; 65536];
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+    let mac = (rig.peer_mac, GUEST_MAC);
+    let (me, them) = ((GUEST_IP, 40000), (PEER_IP, 5001));
+    let h = plain_header(&fe);
+    let syn = Tcp {
+        src: me,
+        dst: them,
+        seq: 1000,
+        ack: 0,
+        flags: TCP_SYN,
+        window: 65535,
+    };
+    send_frame(&mut fe, &h, &tcp_frame(mac, syn, &[], Csum::Full));
+    let synack = recv_matching(&mut fe, |f| {
+        parse_tcp(f).is_some_and(|t| t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK)
+    })
+    .expect("SYN-ACK");
+    let peer_isn = parse_tcp(&synack.frame).unwrap().seq;
+    let ack = Tcp {
+        src: me,
+        dst: them,
+        seq: 1001,
+        ack: peer_isn.wrapping_add(1),
+        flags: TCP_ACK,
+        window: 65535,
+    };
+    send_frame(&mut fe, &h, &tcp_frame(mac, ack, &[], Csum::Full));
+
+    // One 60000-byte TSO frame: NEEDS_CSUM with the pseudo-header seed, gso_size 1448.
+    let data = Tcp {
+        src: me,
+        dst: them,
+        seq: 1001,
+        ack: peer_isn.wrapping_add(1),
+        flags: TCP_ACK | TCP_PSH,
+        window: 65535,
+    };
+    let frame = tcp_frame(mac, data, &payload, Csum::Partial);
+    let gso_hdr = vnet_header(
+        vhdr::F_NEEDS_CSUM,
+        vhdr::GSO_TCPV4,
+        54,
+        1448,
+        34,
+        16,
+        0,
+        fe.header_len(),
+    );
+    send_frame(&mut fe, &gso_hdr, &frame);
+    let acked_all = recv_matching(&mut fe, |f| {
+        parse_tcp(f).is_some_and(|t| t.ack == 1001 + 60000)
+    })
+    .is_some();
+    assert!(acked_all, "the peer's TCP acknowledges all 60000 bytes");
+    assert_eq!(
+        reader.join().unwrap(),
+        payload,
+        "the listener received the bytes intact"
+    );
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.gso"], 1, "{s:?}");
+}
+
+/// The peer's kernel sends a bulk TCP flow to the guest; returns what the guest saw.
+fn peer_bulk_flow(rig: &Rig, fe: &mut TestFrontend, len: usize) -> FlowReport {
+    let payload = pattern(len, 3);
+    let sent = payload.clone();
+    std::thread::scope(|s| {
+        let peer = &rig.peer;
+        let writer = s.spawn(move || {
+            peer.enter_thread(|| {
+                let mut c = TcpStream::connect_timeout(&"198.18.0.1:5002".parse().unwrap(), T)
+                    .expect("connect to the guest");
+                c.write_all(&sent).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                // Wait for the guest's FIN so the last data is known to be acked.
+                let mut b = [0u8; 16];
+                let _ = c.set_read_timeout(Some(T));
+                let _ = c.read(&mut b);
+            })
+        });
+        let report = tcp_receive(fe, rig.peer_mac, 5002, Duration::from_secs(30));
+        writer.join().unwrap();
+        assert!(
+            report.fin,
+            "the flow completed ({} of {len} bytes)",
+            report.data.len()
+        );
+        assert!(
+            report.data == payload,
+            "reassembled stream equals what the peer sent"
+        );
+        report
+    })
+}
+
+#[test]
+fn c_kernel_tcp_flow_arrives_as_gso_over_mergeable_buffers() {
+    let Some(rig) = rig(&[]) else { return };
+    // A mix of small and page-sized buffers, as a Linux guest posts them.
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(300, 1536), (200, 4096)]);
+    let r = peer_bulk_flow(&rig, &mut fe, 4 << 20);
+    let s = rig.daemon.stats();
+    eprintln!(
+        "peer->guest flow: {} frames, {} GSO, {} multi-buffer, largest {} bytes over up to {} buffers; daemon counters: {s:?}",
+        r.frames, r.gso_frames, r.multi_buffer, r.max_frame, r.max_num_buffers
+    );
+    assert!(
+        r.gso_frames > 0,
+        "the peer's TSO frames arrive as GSO frames"
+    );
+    assert!(
+        r.multi_buffer > 0 && r.max_num_buffers > 1,
+        "large frames span several buffers"
+    );
+    assert!(r.max_frame > 4096);
+    assert_eq!(s["rx.gso"], r.gso_frames);
+    assert!(s["rx.multi_buffer"] >= r.multi_buffer);
+    assert_eq!(s["rx.drops.offload"], 0);
+}
+
+#[test]
+fn d_without_guest_csum_every_frame_has_a_valid_checksum() {
+    let Some(rig) = rig(&[]) else { return };
+    // The peer may only send what this guest can take: no TSO towards it (segmentation in
+    // software is a later stage). Checksums stay partial (tx-checksumming on).
+    rig.peer.ethtool_k("vp0", &[("tso", "off"), ("gso", "off")]);
+    let features = GUEST_FEATURES
+        & !(feat::GUEST_CSUM | feat::GUEST_TSO4 | feat::GUEST_TSO6 | feat::GUEST_ECN);
+    let mut fe = guest(&rig, features, &[(512, 1536)]);
+    assert_eq!(fe.acked_features() & feat::GUEST_CSUM, 0);
+
+    // UDP datagrams of several sizes (partial checksums from the peer's stack).
+    let udp = rig
+        .peer
+        .enter_thread(|| UdpSocket::bind("198.18.0.2:7000").unwrap());
+    let sizes = [1usize, 17, 100, 1000, 1472];
+    for (i, &n) in sizes.iter().enumerate() {
+        udp.send_to(&pattern(n, i as u32), "198.18.0.1:7001")
+            .unwrap();
+        let p = recv_matching(&mut fe, |f| {
+            f.len() > 23 && f[12..14] == [8, 0] && f[23] == 17
+        })
+        .expect("UDP datagram");
+        assert_eq!(
+            p.hdr().flags,
+            0,
+            "no NEEDS_CSUM/DATA_VALID without GUEST_CSUM"
+        );
+        assert_eq!(
+            ipv4_l4_checksums_ok(&p.frame),
+            Some(true),
+            "UDP datagram of {n} bytes has a valid checksum"
+        );
+    }
+    // A TCP flow.
+    let r = peer_bulk_flow(&rig, &mut fe, 1 << 20);
+    assert_eq!(r.needs_csum_frames, 0);
+    assert_eq!(r.bad_checksums, 0, "every TCP frame verifies");
+    let s = rig.daemon.stats();
+    assert!(
+        s["rx.csum_completed"] >= r.frames / 2,
+        "checksums were finished in software: {s:?}"
+    );
+}
+
+#[test]
+fn e_malformed_tx_headers_are_counted_and_the_queue_keeps_flowing() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    let cap = peer_socket(&rig);
+    let frame = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(200, 1));
+    let bad = [
+        // hdr_len beyond the frame: the kernel says EINVAL.
+        vnet_header(vhdr::F_NEEDS_CSUM, 0, 2000, 0, 14, 4, 0, fe.header_len()),
+        // csum_start beyond the frame.
+        vnet_header(vhdr::F_NEEDS_CSUM, 0, 0, 0, 5000, 0, 0, fe.header_len()),
+        // GSO with gso_size 0.
+        vnet_header(
+            vhdr::F_NEEDS_CSUM,
+            vhdr::GSO_TCPV4,
+            54,
+            0,
+            34,
+            16,
+            0,
+            fe.header_len(),
+        ),
+    ];
+    for h in &bad {
+        send_frame(&mut fe, h, &frame);
+    }
+    // An unnegotiated GSO type (UFO) is refused before the kernel sees it.
+    let ufo = vnet_header(
+        vhdr::F_NEEDS_CSUM,
+        vhdr::GSO_UDP,
+        42,
+        1000,
+        34,
+        6,
+        0,
+        fe.header_len(),
+    );
+    send_frame(&mut fe, &ufo, &frame);
+    let good = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(300, 2));
+    let h = plain_header(&fe);
+    send_frame(&mut fe, &h, &good);
+    let got = capture(&cap, |f| {
+        f.len() > 14 && f[12..14] == ETH_EXPERIMENTAL.to_be_bytes()
+    })
+    .expect("the good frame goes through");
+    assert_eq!(got, good, "only the good frame reached the peer");
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.drops.kernel"], 3, "{s:?}");
+    assert_eq!(s["tx.drops.unnegotiated"], 1, "{s:?}");
+    assert_eq!(s["tx.packets"], 1, "{s:?}");
+}
+
+#[test]
+fn f_frontend_reconnects_with_new_memory_and_traffic_resumes() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    ping(&mut fe, rig.peer_mac, 1);
+    let pid = rig.daemon.pid();
+    let (rx_base, tx_base) = fe.stop();
+    assert!(
+        tx_base >= 1 && rx_base >= 1,
+        "vring bases reflect the traffic: rx {rx_base} tx {tx_base}"
+    );
+    rig.daemon.wait_for_log("frontend disconnected", T);
+    // A new connection, new memory table and rings, with different buffer sizes.
+    for round in 0..2u16 {
+        let mut fe = guest(&rig, GUEST_FEATURES, &[(32, 4096)]);
+        ping(&mut fe, rig.peer_mac, 10 + round);
+        drop(fe); // abrupt: no GET_VRING_BASE, like a crashed QEMU
+        rig.daemon
+            .wait_for_log_count("frontend disconnected", usize::from(round) + 2, T);
+    }
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(32, 2048)]);
+    ping(&mut fe, rig.peer_mac, 20);
+    assert_eq!(
+        rig.daemon.pid(),
+        pid,
+        "the same process served every connection"
+    );
+}
+
+#[test]
+fn sigterm_exits_promptly_and_removes_the_socket() {
+    let Some(rig) = rig(&[]) else { return };
+    let socket = rig.daemon.socket.clone();
+    let _fe = guest(&rig, GUEST_FEATURES, &[(8, 1536)]);
+    let started = std::time::Instant::now();
+    let (status, log) = rig.daemon.terminate();
+    assert!(status.success(), "exit status {status}: {log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "exit took {:?}",
+        started.elapsed()
+    );
+    assert!(!socket.exists(), "socket file removed");
+    assert!(
+        log.contains("exit: queue pair 0: rx packets="),
+        "counters logged at exit:\n{log}"
+    );
+}
