@@ -236,6 +236,13 @@ fn a_frames_both_ways_byte_exact_and_ping() {
 fn b_tso_frame_from_guest_reaches_a_kernel_listener() {
     let Some(rig) = rig(&[]) else { return };
     let mut fe = guest(&rig, GUEST_FEATURES, &[(256, 4096)]);
+    tso_frame_to_kernel_listener(&rig, &mut fe);
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.gso"], 1, "{s:?}");
+}
+
+/// Handshake with the peer's listener as 198.18.0.1, then one 60000-byte TSO frame.
+fn tso_frame_to_kernel_listener(rig: &Rig, fe: &mut TestFrontend) {
     let listener = rig
         .peer
         .enter_thread(|| TcpListener::bind("198.18.0.2:5001").unwrap());
@@ -255,7 +262,7 @@ fn b_tso_frame_from_guest_reaches_a_kernel_listener() {
     });
     let mac = (rig.peer_mac, GUEST_MAC);
     let (me, them) = ((GUEST_IP, 40000), (PEER_IP, 5001));
-    let h = plain_header(&fe);
+    let h = plain_header(fe);
     let syn = Tcp {
         src: me,
         dst: them,
@@ -264,8 +271,8 @@ fn b_tso_frame_from_guest_reaches_a_kernel_listener() {
         flags: TCP_SYN,
         window: 65535,
     };
-    send_frame(&mut fe, &h, &tcp_frame(mac, syn, &[], Csum::Full));
-    let synack = recv_matching(&mut fe, |f| {
+    send_frame(fe, &h, &tcp_frame(mac, syn, &[], Csum::Full));
+    let synack = recv_matching(fe, |f| {
         parse_tcp(f).is_some_and(|t| t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK)
     })
     .expect("SYN-ACK");
@@ -278,7 +285,7 @@ fn b_tso_frame_from_guest_reaches_a_kernel_listener() {
         flags: TCP_ACK,
         window: 65535,
     };
-    send_frame(&mut fe, &h, &tcp_frame(mac, ack, &[], Csum::Full));
+    send_frame(fe, &h, &tcp_frame(mac, ack, &[], Csum::Full));
 
     // One 60000-byte TSO frame: NEEDS_CSUM with the pseudo-header seed, gso_size 1448.
     let data = Tcp {
@@ -300,11 +307,9 @@ fn b_tso_frame_from_guest_reaches_a_kernel_listener() {
         0,
         fe.header_len(),
     );
-    send_frame(&mut fe, &gso_hdr, &frame);
-    let acked_all = recv_matching(&mut fe, |f| {
-        parse_tcp(f).is_some_and(|t| t.ack == 1001 + 60000)
-    })
-    .is_some();
+    send_frame(fe, &gso_hdr, &frame);
+    let acked_all =
+        recv_matching(fe, |f| parse_tcp(f).is_some_and(|t| t.ack == 1001 + 60000)).is_some();
     assert!(acked_all, "the peer's TCP acknowledges all 60000 bytes");
     assert_eq!(
         reader.join().unwrap(),
@@ -517,4 +522,73 @@ fn sigterm_exits_promptly_and_removes_the_socket() {
         log.contains("exit: queue pair 0: rx packets="),
         "counters logged at exit:\n{log}"
     );
+}
+
+#[test]
+fn forced_ten_byte_socket_header_inserts_and_strips_num_buffers() {
+    // What a kernel before 6.4 offers: PACKET_VNET_HDR (10 bytes) with a 12-byte guest header.
+    let Some(rig) = rig(&["--vnet-hdr", "10"]) else {
+        return;
+    };
+    assert!(
+        rig.daemon.log().contains("10-byte PACKET_VNET_HDR"),
+        "{}",
+        rig.daemon.log()
+    );
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(300, 1536), (200, 4096)]);
+    assert_eq!(fe.header_len(), 12);
+    tso_frame_to_kernel_listener(&rig, &mut fe);
+    let r = peer_bulk_flow(&rig, &mut fe, 2 << 20);
+    assert!(r.gso_frames > 0 && r.multi_buffer > 0, "{r:?}");
+    ping(&mut fe, rig.peer_mac, 1);
+}
+
+#[test]
+fn legacy_guest_without_version_1_uses_ten_byte_headers() {
+    let Some(rig) = rig(&[]) else { return };
+    // disable-modern=on, mrg_rxbuf=off: 10-byte headers, "big packets" buffers.
+    let features = GUEST_FEATURES & !(feat::VERSION_1 | feat::MRG_RXBUF);
+    let mut fe = guest(&rig, features, &[(64, 65562)]);
+    assert_eq!(fe.header_len(), 10);
+    ping(&mut fe, rig.peer_mac, 1);
+    tso_frame_to_kernel_listener(&rig, &mut fe);
+    let r = peer_bulk_flow(&rig, &mut fe, 2 << 20);
+    assert!(r.gso_frames > 0, "{r:?}");
+    assert_eq!(
+        r.multi_buffer, 0,
+        "without MRG_RXBUF a frame uses one chain"
+    );
+}
+
+#[test]
+fn without_mrg_rxbuf_frames_use_one_big_chain() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES & !feat::MRG_RXBUF, &[(64, 65562)]);
+    assert_eq!(fe.header_len(), 12);
+    let r = peer_bulk_flow(&rig, &mut fe, 2 << 20);
+    assert!(r.gso_frames > 0 && r.max_frame > 4096, "{r:?}");
+    assert_eq!(r.max_num_buffers, 1);
+}
+
+#[test]
+fn rx_starts_when_the_ring_is_enabled_even_without_a_kick() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = TestFrontend::connect(&rig.daemon.socket, T);
+    fe.try_negotiate(GUEST_FEATURES).unwrap();
+    fe.try_setup_memory(64 << 20).unwrap();
+    fe.try_setup_rings(256).unwrap();
+    // Buffers are there before the rings are enabled, and the guest never kicks RX: a driver
+    // that posted its buffers to a previous backend instance behaves like this.
+    fe.post_rx_buffers(64, 1536);
+    fe.try_enable_rings(true).unwrap();
+    let cap = peer_socket(&rig);
+    let frame = ethernet(GUEST_MAC, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(500, 4));
+    cap.send_vectored(&[
+        std::io::IoSlice::new(&[0u8; 12]),
+        std::io::IoSlice::new(&frame),
+    ])
+    .unwrap();
+    let p = recv_matching(&mut fe, |f| f == &frame[..]).expect("frame delivered with no RX kick");
+    assert_eq!(p.num_buffers, 1);
+    assert_eq!(fe.rx_kicks(), 0, "the test frontend never kicked RX");
 }
