@@ -129,6 +129,17 @@ impl RateLimit {
     }
 }
 
+impl RateLimit {
+    /// Logs a warning unless one was logged within the interval; says how many were not.
+    pub fn warn(&mut self, args: fmt::Arguments<'_>) {
+        match self.check() {
+            Some(0) => log::warn!("{args}"),
+            Some(n) => log::warn!("{args} ({n} similar messages suppressed)"),
+            None => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -301,50 +301,73 @@ impl QueuePair {
     }
 
     fn arm_rx(&mut self) {
-        if self.rx_armed {
-            return;
-        }
-        if let Some(r) = self.registry() {
-            let id = self.ids.socket_readable.into();
-            match r.register(self.socket.as_raw_fd(), EventSet::IN, id) {
-                Ok(()) => self.rx_armed = true,
-                Err(e) => warn!("queue pair {}: polling the packet socket: {e}", self.index),
-            }
-        }
+        self.watch(Watch::Readable, true);
     }
 
     fn disarm_rx(&mut self) {
-        if !self.rx_armed {
-            return;
-        }
-        self.rx_armed = false;
-        if let Some(r) = self.registry() {
-            let id = self.ids.socket_readable.into();
-            let _ = r.unregister(self.socket.as_raw_fd(), EventSet::IN, id);
-        }
+        self.watch(Watch::Readable, false);
     }
 
     fn arm_tx(&mut self) {
-        if self.tx_armed {
-            return;
-        }
-        if let Some(r) = self.registry() {
-            let id = self.ids.socket_writable.into();
-            match r.register(self.writable_fd.as_raw_fd(), EventSet::OUT, id) {
-                Ok(()) => self.tx_armed = true,
-                Err(e) => warn!("queue pair {}: waiting for socket room: {e}", self.index),
-            }
-        }
+        self.watch(Watch::Writable, true);
     }
 
     fn disarm_tx(&mut self) {
-        if !self.tx_armed {
+        self.watch(Watch::Writable, false);
+    }
+
+    /// Starts or stops polling the socket for one condition; a no-op if already so.
+    fn watch(&mut self, which: Watch, on: bool) {
+        let (armed, fd, events, id) = match which {
+            Watch::Readable => (
+                self.rx_armed,
+                self.socket.as_raw_fd(),
+                EventSet::IN,
+                self.ids.socket_readable,
+            ),
+            Watch::Writable => (
+                self.tx_armed,
+                self.writable_fd.as_raw_fd(),
+                EventSet::OUT,
+                self.ids.socket_writable,
+            ),
+        };
+        if armed == on {
             return;
         }
-        self.tx_armed = false;
-        if let Some(r) = self.registry() {
-            let id = self.ids.socket_writable.into();
-            let _ = r.unregister(self.writable_fd.as_raw_fd(), EventSet::OUT, id);
+        let Some(registry) = self.registry() else {
+            // No connection: nothing is polled, and that is the state to record.
+            if !on {
+                self.set_armed(which, false);
+            }
+            return;
+        };
+        let result = if on {
+            registry.register(fd, events, id.into())
+        } else {
+            registry.unregister(fd, events, id.into())
+        };
+        match result {
+            Ok(()) => self.set_armed(which, on),
+            // Unregistering can only fail if the epoll set is gone with its connection.
+            Err(_) if !on => self.set_armed(which, false),
+            Err(e) => warn!("queue pair {}: polling the packet socket: {e}", self.index),
         }
     }
+
+    fn set_armed(&mut self, which: Watch, on: bool) {
+        match which {
+            Watch::Readable => self.rx_armed = on,
+            Watch::Writable => self.tx_armed = on,
+        }
+    }
+}
+
+/// What a queue pair may poll its packet socket for.
+#[derive(Clone, Copy, Debug)]
+enum Watch {
+    /// Frames to receive (only while the guest has RX buffers).
+    Readable,
+    /// Room to send (only while TX is blocked).
+    Writable,
 }

@@ -10,7 +10,6 @@ use std::io;
 use std::time::Duration;
 
 use libc::{iovec, mmsghdr};
-use log::warn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -305,12 +304,6 @@ impl TxPath {
     }
 
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
-        if let Some(suppressed) = self.log_limit.check() {
-            if suppressed > 0 {
-                warn!("{args} ({suppressed} similar messages suppressed)");
-            } else {
-                warn!("{args}");
-            }
-        }
+        self.log_limit.warn(args);
     }
 }

@@ -3,10 +3,11 @@
 use std::ffi::{c_int, c_void, CStr};
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 
 use super::interface::Interface;
-use super::socket::{VNET_HDR_LEN, VNET_HDR_MRG_LEN};
+use super::socket::{bind_to, open_raw, setsockopt_int, VNET_HDR_LEN, VNET_HDR_MRG_LEN};
+use crate::wire::checksum::{pseudo_header_v4, Checksum};
 
 /// Whether AF_PACKET TX accepts `VIRTIO_NET_HDR_GSO_UDP_L4` (USO) in the vnet header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,52 +68,26 @@ fn probe_on_loopback() -> Result<(), Probe> {
         Err(e) => return Err(Probe::CouldNotRun(e.to_string())),
     }
 
-    // SAFETY: plain socket(2) call with constant arguments; no pointers involved.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if raw < 0 {
-        let e = io::Error::last_os_error();
-        return Err(Probe::CouldNotRun(format!("opening packet socket: {e}")));
-    }
-    // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = open_raw().map_err(|e| Probe::CouldNotRun(format!("opening packet socket: {e}")))?;
 
-    let hdr_len = if set_int(&fd, libc::PACKET_VNET_HDR_SZ, VNET_HDR_MRG_LEN as c_int).is_ok() {
+    let hdr_len = if setsockopt_int(
+        fd.as_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_VNET_HDR_SZ,
+        VNET_HDR_MRG_LEN as c_int,
+    )
+    .is_ok()
+    {
         VNET_HDR_MRG_LEN
-    } else if let Err(e) = set_int(&fd, libc::PACKET_VNET_HDR, 1) {
+    } else if let Err(e) = setsockopt_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1) {
         return Err(Probe::CouldNotRun(format!("setting PACKET_VNET_HDR: {e}")));
     } else {
         VNET_HDR_LEN
     };
 
     // Protocol 0 in bind: the socket gets a device for sending but never receives anything.
-    let addr = libc::sockaddr_ll {
-        sll_family: libc::AF_PACKET as u16,
-        sll_protocol: 0,
-        sll_ifindex: lo.index() as c_int,
-        sll_hatype: 0,
-        sll_pkttype: 0,
-        sll_halen: 0,
-        sll_addr: [0; 8],
-    };
-    // SAFETY: `addr` is a fully initialised sockaddr_ll that outlives the call and the length
-    // is exactly its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
-            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return Err(Probe::CouldNotRun(format!("binding to lo: {e}")));
-    }
+    bind_to(fd.as_fd(), lo.index(), 0)
+        .map_err(|e| Probe::CouldNotRun(format!("binding to lo: {e}")))?;
 
     let packet = uso_probe_packet(hdr_len);
     // SAFETY: `packet` is a live, initialised buffer of `packet.len()` bytes; send only reads it.
@@ -172,7 +147,7 @@ fn uso_probe_packet(vnet_len: usize) -> Vec<u8> {
     ip[9] = 17; // UDP
     ip[12..16].copy_from_slice(&loopback);
     ip[16..20].copy_from_slice(&loopback);
-    let ip_csum = !fold(sum16(ip));
+    let ip_csum = Checksum::new().add_bytes(ip).finish();
     ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
 
     let udp_len = (UDP_LEN + PAYLOAD_LEN) as u16;
@@ -182,46 +157,13 @@ fn uso_probe_packet(vnet_len: usize) -> Vec<u8> {
     udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
     // NEEDS_CSUM: the check field holds the folded pseudo-header sum over the full L4 length,
     // not inverted; the kernel adds the rest per segment.
-    let seed = fold(sum16(&loopback) + sum16(&loopback) + 17 + u32::from(udp_len));
+    let seed = pseudo_header_v4(loopback, loopback, 17, u32::from(udp_len)).fold();
     udp[6..8].copy_from_slice(&seed.to_be_bytes());
 
     for (i, b) in frame[HDRS_LEN..].iter_mut().enumerate() {
         *b = i as u8;
     }
     p
-}
-
-/// Sum of big-endian 16-bit words (odd trailing byte padded with zero).
-fn sum16(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn set_int(fd: &OwnedFd, opt: c_int, value: c_int) -> io::Result<()> {
-    // SAFETY: `value` is a c_int living across the call and the length is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            opt,
-            (&value as *const c_int).cast::<c_void>(),
-            mem::size_of::<c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 fn by_kernel_release(why_no_probe: &str) -> UsoSupport {
@@ -286,6 +228,9 @@ mod tests {
 
     #[test]
     fn probe_packet_layout() {
+        use crate::wire::ipv4::Ipv4Packet;
+        use crate::wire::udp::UdpDatagram;
+
         let p = uso_probe_packet(12);
         assert_eq!(p.len(), 12 + 42 + 300);
         assert_eq!(&p[..2], &[1, 5]);
@@ -294,15 +239,15 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([p[6], p[7]]), 34);
         assert_eq!(u16::from_ne_bytes([p[8], p[9]]), 6);
         let frame = &p[12..];
-        // IPv4 header checksum verifies to zero.
-        assert_eq!(!fold(sum16(&frame[14..34])), 0);
+        let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+        assert!(ip.verify_checksum());
         // Completing the seeded UDP checksum over the L4 bytes gives a valid UDP checksum.
         let l4 = &frame[34..];
-        let full = !fold(sum16(l4));
+        let full = Checksum::new().add_bytes(l4).finish();
         let mut check = l4.to_vec();
         check[6..8].copy_from_slice(&full.to_be_bytes());
-        let pseudo = sum16(&[127, 0, 0, 1, 127, 0, 0, 1]) + 17 + l4.len() as u32;
-        assert_eq!(!fold(pseudo + sum16(&check)), 0);
+        let udp = UdpDatagram::new_checked(&check[..]).unwrap();
+        assert!(udp.verify_checksum(ip.pseudo_header()));
         assert_eq!(uso_probe_packet(10).len(), 10 + 42 + 300);
     }
 }

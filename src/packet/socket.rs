@@ -96,21 +96,7 @@ impl PacketSocket {
     /// with `ENETDOWN` (a pending socket error), `send` fails with `ENETDOWN` while it is down,
     /// and frames flow once it comes up.
     pub fn open(iface: &Interface, opts: &SocketOptions) -> Result<PacketSocket, PacketError> {
-        // SAFETY: plain socket(2) call with constant arguments; no pointers involved.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(PacketError::OpenSocket {
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = open_raw().map_err(|source| PacketError::OpenSocket { source })?;
         let name = iface.name();
         let set = |option: &'static str, level: c_int, opt: c_int, value: c_int| {
             setsockopt_int(fd.as_fd(), level, opt, value).map_err(|source| PacketError::SetOption {
@@ -180,30 +166,12 @@ impl PacketSocket {
         set_buffer_size(fd.as_fd(), name, true)?;
         set_buffer_size(fd.as_fd(), name, false)?;
 
-        let addr = libc::sockaddr_ll {
-            sll_family: libc::AF_PACKET as u16,
-            sll_protocol: (libc::ETH_P_ALL as u16).to_be(),
-            sll_ifindex: iface.index() as c_int,
-            sll_hatype: 0,
-            sll_pkttype: 0,
-            sll_halen: 0,
-            sll_addr: [0; 8],
-        };
-        // SAFETY: `addr` is a fully initialised sockaddr_ll that outlives the call, and the
-        // length passed is exactly its size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
-                mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(PacketError::Bind {
+        bind_to(fd.as_fd(), iface.index(), libc::ETH_P_ALL as u16).map_err(|source| {
+            PacketError::Bind {
                 iface: name.to_owned(),
-                source: io::Error::last_os_error(),
-            });
-        }
+                source,
+            }
+        })?;
 
         let sock = PacketSocket {
             fd,
@@ -605,7 +573,55 @@ fn set_buffer_size(fd: BorrowedFd<'_>, iface: &str, rcv: bool) -> Result<(), Pac
     }
 }
 
-fn setsockopt_int(fd: BorrowedFd<'_>, level: c_int, name: c_int, value: c_int) -> io::Result<()> {
+/// A raw packet socket that receives nothing until bound with a protocol.
+pub(super) fn open_raw() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call with constant arguments; no pointers involved.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Binds a packet socket to an interface; `protocol` (host order) 0 means send-only.
+pub(super) fn bind_to(fd: BorrowedFd<'_>, ifindex: u32, protocol: u16) -> io::Result<()> {
+    let addr = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol: protocol.to_be(),
+        sll_ifindex: ifindex as c_int,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    };
+    // SAFETY: `addr` is a fully initialised sockaddr_ll that outlives the call, and the length
+    // passed is exactly its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub(super) fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: c_int,
+    name: c_int,
+    value: c_int,
+) -> io::Result<()> {
     // SAFETY: `value` is a c_int living across the call and the length is its size; the kernel
     // only reads it.
     let rc = unsafe {
