@@ -73,7 +73,30 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, like every other user error; the usage block is a --help away.
+            let msg = e.to_string();
+            let what: Vec<&str> = msg
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:"))
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("tip:")
+                        && !l.starts_with("For more information")
+                })
+                .collect();
+            let what = what.join(" ");
+            eprintln!(
+                "vhost-packet: {} (see --help)",
+                what.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
     let level = match cli.verbose {
         0 => log::LevelFilter::Info,
         1 => log::LevelFilter::Debug,

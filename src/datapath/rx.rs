@@ -219,9 +219,16 @@ impl RxPath {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return RxOutcome::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                    // A pending socket error, reported once: the link went down (or was down
+                    // when the socket was bound). No packet is lost; frames flow again once it
+                    // comes up.
+                    log::info!("RX: the interface is down; frames flow again when it comes up");
+                    return RxOutcome::Drained;
+                }
                 Err(e) => {
-                    // EINVAL: the kernel could not express this packet's metadata and dropped it;
-                    // ENETDOWN: the link went down. Either way one packet is gone.
+                    // EINVAL: the kernel could not express this packet's metadata and dropped
+                    // it: one packet is gone.
                     ctx.stats.rx_drop_kernel += 1;
                     self.log(format_args!("RX: receiving from packet socket: {e}"));
                 }

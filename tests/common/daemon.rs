@@ -37,11 +37,26 @@ impl Daemon {
     }
 
     pub fn start_at(ns: &NetNs, iface: &str, socket: &Path, extra: &[&str]) -> Daemon {
+        let d = Daemon::spawn(ns, "--socket", iface, socket, extra);
+        d.wait_for_log("listening on", Duration::from_secs(10));
+        d
+    }
+
+    /// Starts `vhost-packet --client <path> --interface iface <extra...>` in `ns` and waits
+    /// until it logs that it waits for a frontend, so nothing may listen on `path` yet. Drop
+    /// removes `path` too (the test's own listener socket).
+    pub fn start_client(ns: &NetNs, iface: &str, path: &Path, extra: &[&str]) -> Daemon {
+        let d = Daemon::spawn(ns, "--client", iface, path, extra);
+        d.wait_for_log("waiting for a frontend", Duration::from_secs(10));
+        d
+    }
+
+    fn spawn(ns: &NetNs, mode: &str, iface: &str, socket: &Path, extra: &[&str]) -> Daemon {
         let log = socket.with_extension("log");
         let socket_s = socket.to_str().unwrap().to_string();
         let mut args = vec![
             env!("CARGO_BIN_EXE_vhost-packet"),
-            "--socket",
+            mode,
             &socket_s,
             "--interface",
             iface,
@@ -54,17 +69,20 @@ impl Daemon {
             .stderr(File::create(&log).expect("create daemon log"))
             .spawn()
             .expect("spawn vhost-packet");
-        let d = Daemon {
+        Daemon {
             child,
             socket: socket.to_path_buf(),
             log,
-        };
-        d.wait_for_log("listening on", Duration::from_secs(10));
-        d
+        }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// True until the process exits (it is only reaped on drop, so a dead one is a zombie).
+    pub fn is_running(&self) -> bool {
+        matches!(self.child_status(), Ok(None))
     }
 
     pub fn log(&self) -> String {

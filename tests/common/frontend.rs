@@ -15,6 +15,7 @@
 //!
 //! TestFrontend::connect(path: &Path, timeout: Duration) -> TestFrontend          (retries until the socket appears)
 //! TestFrontend::try_connect(path, timeout) -> Result<TestFrontend, String>
+//! TestFrontend::from_stream(UnixStream) -> TestFrontend / try_from_stream   (an accepted connection)
 //!   .backend_features() -> u64                     GET_FEATURES (cached)
 //!   .backend_protocol_features() -> u64            GET_PROTOCOL_FEATURES (0 if PROTOCOL_FEATURES not offered)
 //!   .set_wanted_protocol_features(u64)             before start; default MQ|REPLY_ACK|CONFIG|CONFIGURE_MEM_SLOTS
@@ -636,9 +637,19 @@ impl TestFrontend {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         };
+        Self::try_from_stream(sock)
+    }
+
+    /// Drive a connection made some other way, e.g. one a test accepted on its own listener
+    /// (backend in client mode).
+    pub fn from_stream(stream: UnixStream) -> TestFrontend {
+        Self::try_from_stream(stream).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_from_stream(stream: UnixStream) -> Result<TestFrontend, String> {
         let epoll = Epoll::new().map_err(|e| format!("epoll_create failed: {e}"))?;
         Ok(TestFrontend {
-            fe: Frontend::from_stream(sock, 2),
+            fe: Frontend::from_stream(stream, 2),
             epoll,
             offered: None,
             offered_proto: None,

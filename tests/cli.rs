@@ -1,0 +1,614 @@
+//! The command line of the real binary: user errors end with exactly one line on stderr
+//! (`vhost-packet: <what failed>`) and a non-zero exit, never a panic or a backtrace; `--help`,
+//! `--version`, stale sockets, a down interface and client mode behave as documented.
+//!
+//! Validation errors run without privileges. Everything that needs an interface, a second
+//! process on a socket or a capability drop runs in namespaces created here and needs root;
+//! without it those tests print `SKIPPED: ...` and pass, unless `CI=true`.
+
+mod common;
+
+use std::io::{IoSlice, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::frontend::{FrontendConfig, TestFrontend};
+use common::netns::{require_root_and_tools, veth_pair, NetNs};
+use common::packets::{ethernet, pattern, plain_header, send_frame, ETH_EXPERIMENTAL, GUEST_MAC};
+use vhost_packet::packet::interface::Interface;
+use vhost_packet::packet::socket::{PacketSocket, SocketOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-packet");
+const T: Duration = Duration::from_secs(5);
+/// Generous: an erroring run takes milliseconds.
+const EXIT_DEADLINE: Duration = Duration::from_secs(20);
+const GUEST_MAC_STR: &str = "02:00:00:00:00:01";
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary to completion
+
+/// A process of ours that is killed (by its PID) and reaped on drop, also when a test panics.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Exited {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` until it exits; panics (killing it) if it is still running after
+/// `EXIT_DEADLINE`, e.g. because a bad argument was accepted and the daemon started serving.
+fn run_to_exit(mut cmd: Command) -> Exited {
+    cmd.env("RUST_BACKTRACE", "1")
+        .env_remove("VHOST_PACKET_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = Reaped(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}")),
+    );
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = drain(Box::new(child.0.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.0.stderr.take().unwrap()));
+    let deadline = Instant::now() + EXIT_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            drop(child);
+            panic!(
+                "{cmd:?} still running after {EXIT_DEADLINE:?}; stderr so far:\n{}",
+                stderr.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Exited {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// `vhost-packet <args>` in the current namespace.
+fn vhost_packet(args: &[&str]) -> Exited {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    run_to_exit(cmd)
+}
+
+/// `vhost-packet <args>` inside `ns`.
+fn vhost_packet_in(ns: &NetNs, args: &[&str]) -> Exited {
+    let mut full = vec![BIN];
+    full.extend_from_slice(args);
+    run_to_exit(ns.command(&full))
+}
+
+/// Asserts a failed run that said exactly one line, `vhost-packet: ...`, on stderr and nothing
+/// on stdout; returns that line.
+fn one_line_error(out: &Exited) -> &str {
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "expected a non-zero exit code, got {}; stderr: {:?}",
+        out.status,
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("panicked") && !out.stderr.contains("backtrace"),
+        "a user error must not panic: {:?}",
+        out.stderr
+    );
+    let line = out.stderr.strip_suffix('\n').unwrap_or(&out.stderr);
+    assert!(
+        !line.is_empty() && !line.contains('\n'),
+        "expected exactly one line on stderr, got {} lines: {:?}",
+        out.stderr.lines().count(),
+        out.stderr
+    );
+    assert!(
+        line.starts_with("vhost-packet: "),
+        "the line starts with the program name: {line:?}"
+    );
+    assert_eq!(out.stdout, "", "nothing on stdout");
+    line
+}
+
+fn assert_mentions(line: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(line.contains(n), "{line:?} should mention {n:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// A fresh directory under the temp dir, removed (with its contents) on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vhost-packet-cli-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// A host namespace with `vh0` (for the daemon) and a peer namespace with `vp0`, both up.
+fn host_and_peer(tag: &str) -> (NetNs, NetNs) {
+    let host = NetNs::new(&format!("{tag}h"));
+    let peer = NetNs::new(&format!("{tag}p"));
+    veth_pair(&host, "vh0", &peer, "vp0");
+    (host, peer)
+}
+
+/// A packet socket on `vp0` in the peer namespace, to inject and capture frames.
+fn peer_socket(peer: &NetNs) -> PacketSocket {
+    peer.enter_thread(|| {
+        let iface = Interface::by_name("vp0").unwrap();
+        PacketSocket::open(&iface, &SocketOptions::default()).unwrap()
+    })
+}
+
+/// Negotiates, maps memory and rings, posts RX buffers that are re-posted as they are used.
+fn bring_up(fe: &mut TestFrontend) {
+    fe.start(FrontendConfig::default());
+    fe.post_rx_buffers(64, 2048);
+    fe.set_rx_autorefill(true);
+    fe.kick_rx();
+}
+
+/// One frame guest -> peer and one peer -> guest, each compared byte for byte.
+fn exchange(fe: &mut TestFrontend, peer: &PacketSocket, peer_mac: [u8; 6], round: u32) {
+    let out = ethernet(peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(200, round));
+    let h = plain_header(fe);
+    send_frame(fe, &h, &out);
+    let deadline = Instant::now() + T;
+    let mut buf = vec![0u8; 4096];
+    let mut arrived = false;
+    while !arrived && Instant::now() < deadline {
+        match peer.recv_vectored(&mut [std::io::IoSliceMut::new(&mut buf)]) {
+            // The peer socket carries a 12-byte virtio net header in front of the frame.
+            Ok(r) => arrived = buf.get(12..r.len) == Some(&out[..]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => panic!("peer capture: {e}"),
+        }
+    }
+    assert!(arrived, "round {round}: the guest's frame reaches the peer");
+
+    let back = ethernet(
+        GUEST_MAC,
+        peer_mac,
+        ETH_EXPERIMENTAL,
+        &pattern(300, round + 1000),
+    );
+    peer.send_vectored(&[IoSlice::new(&[0u8; 12]), IoSlice::new(&back)])
+        .expect("peer injects a frame");
+    let deadline = Instant::now() + T;
+    let mut received = false;
+    while !received && Instant::now() < deadline {
+        if let Some(p) = fe.recv(Duration::from_millis(100)) {
+            received = p.frame == back;
+        }
+    }
+    assert!(
+        received,
+        "round {round}: the peer's frame reaches the guest"
+    );
+}
+
+/// Waits until `ifname` in `ns` has its carrier (LOWER_UP).
+fn wait_lower_up(ns: &NetNs, ifname: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ns.ip(&["link", "show", "dev", ifname]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("LOWER_UP") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ifname} in {} has no carrier: {text}",
+            ns.name()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Accepts one connection on a non-blocking `listener` within `T`.
+fn accept_within(listener: &UnixListener) -> UnixStream {
+    let deadline = Instant::now() + T;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return stream;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the daemon did not connect within {T:?}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Help and version
+
+#[test]
+fn help_lists_every_option_and_version_prints_it() {
+    let out = vhost_packet(&["--help"]);
+    assert!(out.status.success(), "--help exits 0: {out:?}");
+    assert_eq!(out.stderr, "", "--help writes only to stdout");
+    for opt in [
+        "--socket",
+        "--client",
+        "--interface",
+        "--mac",
+        "--mtu",
+        "--queue-size",
+        "--qdisc-bypass",
+        "--promisc",
+        "--vnet-hdr",
+        "--verbose",
+    ] {
+        assert!(
+            out.stdout.contains(opt),
+            "--help mentions {opt}:\n{}",
+            out.stdout
+        );
+    }
+
+    let out = vhost_packet(&["--version"]);
+    assert!(out.status.success(), "--version exits 0: {out:?}");
+    assert_eq!(
+        out.stdout,
+        format!("vhost-packet {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(out.stderr, "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Unknown interface
+
+#[test]
+fn unknown_interface_is_one_line_naming_it() {
+    let dir = TempDir::new("noif");
+    let sock = dir.join("x.sock");
+    let out = vhost_packet(&["--socket", s(&sock), "--interface", "nosuch0"]);
+    let line = one_line_error(&out);
+    assert_mentions(line, &["nosuch0", "No such device"]);
+    assert!(!sock.exists(), "a failed start leaves no socket file");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. MTU
+
+#[test]
+fn mtu_out_of_range_is_one_line() {
+    let dir = TempDir::new("mtu");
+    let sock = dir.join("x.sock");
+    for mtu in ["70000", "10"] {
+        // A non-existent interface: validation must fail before it is looked up.
+        let out = vhost_packet(&["--socket", s(&sock), "--interface", "nosuch0", "--mtu", mtu]);
+        let line = one_line_error(&out);
+        assert_mentions(line, &[&format!("--mtu {mtu}"), "out of range"]);
+    }
+}
+
+#[test]
+fn mtu_above_the_interface_mtu_names_interface_and_its_mtu() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, _peer) = host_and_peer("vpcm");
+    let dir = TempDir::new("mtu9000");
+    let sock = dir.join("x.sock");
+    let out = vhost_packet_in(
+        &host,
+        &["--socket", s(&sock), "--interface", "vh0", "--mtu", "9000"],
+    );
+    let line = one_line_error(&out);
+    assert_mentions(line, &["9000", "vh0", "1500"]);
+    assert!(!sock.exists(), "a failed start leaves no socket file");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Socket path
+
+#[test]
+fn socket_in_a_missing_directory_is_one_line() {
+    let dir = TempDir::new("nodir");
+    let missing = dir.join("missing");
+    let sock = missing.join("x.sock");
+    let out = vhost_packet(&["--socket", s(&sock), "--interface", "nosuch0"]);
+    let line = one_line_error(&out);
+    assert_mentions(line, &[s(&missing), "does not exist"]);
+}
+
+#[test]
+fn socket_served_by_a_running_daemon_is_refused_and_the_first_keeps_serving() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, _peer) = host_and_peer("vpcu");
+    let first = Daemon::start(&host, "vh0", &[]);
+    let out = vhost_packet_in(&host, &["--socket", s(&first.socket), "--interface", "vh0"]);
+    let line = one_line_error(&out);
+    assert_mentions(line, &[s(&first.socket), "already serves this socket"]);
+
+    assert!(
+        first.is_running(),
+        "the first daemon still runs:\n{}",
+        first.log()
+    );
+    assert!(first.socket.exists(), "its socket file is still there");
+    // And it still serves: a full bring-up with acknowledged messages.
+    let mut fe = TestFrontend::connect(&first.socket, T);
+    fe.start(FrontendConfig::default());
+    assert_eq!(&fe.get_config(0, 6)[..], &first_mac(&first.socket)[..]);
+    assert!(first.is_running(), "{}", first.log());
+}
+
+/// The MAC a daemon derives from its socket path when `--mac` is not given.
+fn first_mac(socket: &Path) -> [u8; 6] {
+    vhost_packet::config::MacAddr::derived_from(socket.as_os_str().as_encoded_bytes()).0
+}
+
+#[test]
+fn stale_socket_file_is_removed_and_the_daemon_starts() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let dir = TempDir::new("stale");
+    let sock = dir.join("x.sock");
+    drop(UnixListener::bind(&sock).expect("bind a listener"));
+    assert!(sock.exists(), "the dropped listener leaves its socket file");
+    assert!(
+        UnixStream::connect(&sock).is_err(),
+        "nobody listens on the stale socket"
+    );
+
+    let (host, _peer) = host_and_peer("vpcs");
+    let d = Daemon::start_at(&host, "vh0", &sock, &[]);
+    assert!(
+        d.log().contains("removing stale socket"),
+        "the stale socket is reported:\n{}",
+        d.log()
+    );
+    let mut fe = TestFrontend::connect(&sock, T);
+    fe.start(FrontendConfig::default());
+    assert!(d.is_running(), "{}", d.log());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Missing CAP_NET_RAW
+
+#[test]
+fn missing_cap_net_raw_is_one_line_naming_it() {
+    if !require_root_and_tools(&["ip", "setpriv"]) {
+        return;
+    }
+    let ns = NetNs::new("vpcc");
+    // The socket directory must be usable by the unprivileged user, or the socket path check
+    // (which runs first) would fail instead.
+    let dir = TempDir::new("cap");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.join("x.sock");
+    let unprivileged = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ];
+
+    // The precondition: the process really runs without uid 0 and without capabilities.
+    let mut cmd = unprivileged.to_vec();
+    cmd.extend_from_slice(&["cat", "/proc/self/status"]);
+    let status = run_to_exit(ns.command(&cmd));
+    assert!(status.status.success(), "{status:?}");
+    for field in ["CapEff:", "CapPrm:", "CapAmb:"] {
+        let line = status
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+        assert!(
+            line.ends_with("0000000000000000"),
+            "setpriv drops all capabilities: {line}"
+        );
+    }
+    assert!(
+        status
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("65534")),
+        "setpriv switches to uid 65534:\n{}",
+        status.stdout
+    );
+
+    let mut cmd = unprivileged.to_vec();
+    cmd.extend_from_slice(&[BIN, "--socket", s(&sock), "--interface", "lo"]);
+    let out = run_to_exit(ns.command(&cmd));
+    let line = one_line_error(&out);
+    assert_mentions(line, &["packet socket", "CAP_NET_RAW"]);
+    assert!(!sock.exists(), "a failed start leaves no socket file");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Interface down at start
+
+#[test]
+fn interface_down_at_start_warns_and_traffic_flows_once_it_is_up() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpcd");
+    let peer_mac = peer.mac("vp0");
+    host.ip(&["link", "set", "vh0", "down"]);
+    let d = Daemon::start(&host, "vh0", &["--mac", GUEST_MAC_STR]);
+    let log = d.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("vh0 is down"))
+        .unwrap_or_else(|| panic!("a warning says vh0 is down:\n{log}"));
+    assert!(warning.contains("WARN"), "logged as a warning: {warning}");
+
+    // Still serving while the interface is down.
+    let mut fe = TestFrontend::connect(&d.socket, T);
+    bring_up(&mut fe);
+    assert!(d.is_running(), "{}", d.log());
+
+    host.ip(&["link", "set", "vh0", "up"]);
+    wait_lower_up(&host, "vh0");
+    wait_lower_up(&peer, "vp0");
+    let peer_sock = peer_socket(&peer);
+    exchange(&mut fe, &peer_sock, peer_mac, 1);
+    exchange(&mut fe, &peer_sock, peer_mac, 2);
+    assert!(d.is_running(), "{}", d.log());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Bad values
+
+#[test]
+fn bad_mac_is_one_line() {
+    let dir = TempDir::new("mac");
+    let sock = dir.join("x.sock");
+    for (mac, needles) in [
+        (
+            "zz:54:00:12:34:56",
+            &["zz:54:00:12:34:56", "invalid MAC"][..],
+        ),
+        ("01:00:5e:00:00:01", &["01:00:5e:00:00:01", "multicast"][..]),
+    ] {
+        let out = vhost_packet(&["--socket", s(&sock), "--interface", "nosuch0", "--mac", mac]);
+        assert_mentions(one_line_error(&out), needles);
+    }
+}
+
+#[test]
+fn bad_queue_size_is_one_line() {
+    let dir = TempDir::new("qs");
+    let sock = dir.join("x.sock");
+    for q in ["1000", "2048"] {
+        let out = vhost_packet(&[
+            "--socket",
+            s(&sock),
+            "--interface",
+            "nosuch0",
+            "--queue-size",
+            q,
+        ]);
+        assert_mentions(
+            one_line_error(&out),
+            &[&format!("--queue-size {q}"), "power of two"],
+        );
+    }
+}
+
+#[test]
+fn socket_with_client_is_one_line() {
+    let dir = TempDir::new("both");
+    let out = vhost_packet(&[
+        "--socket",
+        s(&dir.join("a.sock")),
+        "--client",
+        s(&dir.join("b.sock")),
+        "--interface",
+        "nosuch0",
+    ]);
+    assert_mentions(one_line_error(&out), &["--socket", "--client"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Client mode
+
+#[test]
+fn client_mode_waits_for_a_frontend_and_reconnects_after_a_disconnect() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let dir = TempDir::new("client");
+    let path = dir.join("frontend.sock");
+    let (host, peer) = host_and_peer("vpcl");
+    let peer_mac = peer.mac("vp0");
+    let d = Daemon::start_client(&host, "vh0", &path, &["--mac", GUEST_MAC_STR]);
+    // A few retry periods with nobody listening: it keeps waiting.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(d.is_running(), "keeps retrying:\n{}", d.log());
+    assert!(!path.exists(), "client mode creates no socket file");
+
+    let listener = UnixListener::bind(&path).expect("bind the frontend socket");
+    listener.set_nonblocking(true).unwrap();
+    let peer_sock = peer_socket(&peer);
+
+    let mut fe = TestFrontend::from_stream(accept_within(&listener));
+    bring_up(&mut fe);
+    exchange(&mut fe, &peer_sock, peer_mac, 1);
+    drop(fe); // abrupt, like a QEMU that goes away
+    d.wait_for_log("frontend disconnected", T);
+
+    let mut fe = TestFrontend::from_stream(accept_within(&listener));
+    bring_up(&mut fe);
+    exchange(&mut fe, &peer_sock, peer_mac, 2);
+    assert!(d.is_running(), "{}", d.log());
+    assert_eq!(
+        d.log().matches("frontend connected").count(),
+        2,
+        "two connections served by one process:\n{}",
+        d.log()
+    );
+}
