@@ -322,3 +322,71 @@ pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
         })
         .collect()
 }
+
+pub const ETH_IPV6: u16 = 0x86dd;
+/// RFC 5180 benchmarking addresses; these frames are only ever injected at layer 2.
+pub const GUEST_IP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const PEER_IP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+/// The L3 part of a GSO test frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L3 {
+    V4,
+    V6,
+}
+
+/// An Ethernet frame carrying TCP (proto 6) or UDP (17) with `payload`, its L4 checksum field
+/// holding the pseudo-header seed (NEEDS_CSUM). Returns the frame and (csum_start, hdr_len).
+pub fn partial_csum_frame(
+    mac: ([u8; 6], [u8; 6]),
+    l3: L3,
+    proto: u8,
+    tcp_flags: u8,
+    payload: &[u8],
+) -> (Vec<u8>, u16, u16) {
+    let l4_hdr = if proto == 6 { 20 } else { 8 };
+    let mut l4 = vec![0u8; l4_hdr];
+    l4[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    l4[2..4].copy_from_slice(&5001u16.to_be_bytes());
+    if proto == 6 {
+        l4[4..8].copy_from_slice(&1u32.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = tcp_flags;
+        l4[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    } else {
+        l4[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    }
+    l4.extend_from_slice(payload);
+    let len = l4.len() as u32;
+    let csum_at = if proto == 6 { 16 } else { 6 };
+    match l3 {
+        L3::V4 => {
+            let seed = pseudo_header_v4(GUEST_IP, PEER_IP, proto, len).fold();
+            l4[csum_at..csum_at + 2].copy_from_slice(&seed.to_be_bytes());
+            let f = ethernet(
+                mac.0,
+                mac.1,
+                ETH_IPV4,
+                &ipv4(GUEST_IP, PEER_IP, proto, 0, &l4),
+            );
+            (f, 34, (34 + l4_hdr) as u16)
+        }
+        L3::V6 => {
+            let seed =
+                vhost_packet::wire::checksum::pseudo_header_v6(GUEST_IP6, PEER_IP6, proto, len)
+                    .fold();
+            l4[csum_at..csum_at + 2].copy_from_slice(&seed.to_be_bytes());
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            ip.extend_from_slice(&[proto, 64]);
+            ip.extend_from_slice(&GUEST_IP6);
+            ip.extend_from_slice(&PEER_IP6);
+            ip.extend_from_slice(&l4);
+            (
+                ethernet(mac.0, mac.1, ETH_IPV6, &ip),
+                54,
+                (54 + l4_hdr) as u16,
+            )
+        }
+    }
+}
