@@ -270,6 +270,19 @@ impl PacketSocket {
         self.ifindex
     }
 
+    /// Length of the next queued frame (without the vnet header), 0 when none is queued:
+    /// `SIOCINQ` on a packet socket reports the head skb's length, so RX can tell whether the
+    /// guest buffers at hand hold the next frame before it is taken off the queue.
+    pub fn pending_len(&self) -> io::Result<usize> {
+        let mut len: c_int = 0;
+        // SAFETY: SIOCINQ writes one int through the pointer, which points at `len`.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::FIONREAD, &mut len) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(len.max(0) as usize)
+    }
+
     /// Receives one packet without blocking: `[kernel vnet header][Ethernet frame]`, scattered
     /// over `iov` in order.
     ///
@@ -657,20 +670,5 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: c_int, name: c_int) -> io::Result<c
         Err(io::Error::last_os_error())
     } else {
         Ok(value)
-    }
-}
-
-impl PacketSocket {
-    /// Length of the next queued frame (without the vnet header), 0 when none is queued:
-    /// `SIOCINQ` on a packet socket reports the head skb's length, so RX can tell whether the
-    /// guest buffers at hand hold the next frame before it is taken off the queue.
-    pub fn pending_len(&self) -> io::Result<usize> {
-        let mut len: c_int = 0;
-        // SAFETY: SIOCINQ writes one int through the pointer, which points at `len`.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::FIONREAD, &mut len) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(len.max(0) as usize)
     }
 }
