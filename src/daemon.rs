@@ -3,13 +3,13 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::packet::interface::Interface;
 use crate::packet::probe::{probe_uso, UsoSupport};
 use crate::packet::socket::{PacketSocket, SocketOptions, VnetMode};
+use crate::relay::{self, InternalSocket};
 use crate::virtio::config_space::NetConfigSpace;
 use crate::virtio::features::{self, OfferOptions};
 
@@ -32,7 +33,10 @@ const CLIENT_RETRY: Duration = Duration::from_millis(200);
 pub struct Daemon {
     config: Config,
     backend: NetBackend,
-    listener: Option<Listener>,
+    /// The frontend's socket in server mode.
+    listener: Option<UnixListener>,
+    /// Where vhost-user-backend's request handler connects, behind the relay.
+    internal: InternalSocket,
 }
 
 impl Daemon {
@@ -100,14 +104,14 @@ impl Daemon {
 
         let listener = match &config.endpoint {
             Endpoint::Server(path) => {
-                let l = Listener::new(path, true).map_err(|e| Error::Listen {
+                Some(UnixListener::bind(path).map_err(|e| Error::SocketPath {
                     path: path.clone(),
                     source: e,
-                })?;
-                Some(l)
+                })?)
             }
             Endpoint::Client(_) => None,
         };
+        let internal = InternalSocket::new().map_err(Error::Internal)?;
         info!(
             "serving {} for guest MAC {} (MTU {mtu}, queue size {}, features {})",
             config.interface,
@@ -119,6 +123,7 @@ impl Daemon {
             config,
             backend,
             listener,
+            internal,
         })
     }
 
@@ -126,12 +131,15 @@ impl Daemon {
         &self.backend
     }
 
-    /// The socket file to remove at exit (server mode only).
-    pub fn socket_file(&self) -> Option<PathBuf> {
-        match &self.config.endpoint {
-            Endpoint::Server(p) => Some(p.clone()),
-            Endpoint::Client(_) => None,
+    /// Files and directories to remove at exit, in order.
+    pub fn paths_to_remove(&self) -> Vec<PathBuf> {
+        let mut paths = Vec::new();
+        if let Endpoint::Server(p) = &self.config.endpoint {
+            paths.push(p.clone());
         }
+        paths.push(self.internal.path().to_path_buf());
+        paths.push(self.internal.dir().to_path_buf());
+        paths
     }
 
     /// Serves one frontend after another. Returns only on an error that retrying cannot fix.
@@ -140,44 +148,48 @@ impl Daemon {
             Endpoint::Server(path) => {
                 info!("listening on {}", path.display());
                 loop {
-                    let connected =
-                        self.serve_one(|d, l| d.start(l.expect("server mode has a listener")))?;
-                    if !connected {
-                        // accept() failed; do not spin on a persistent error.
-                        thread::sleep(CLIENT_RETRY);
+                    let accepted = self
+                        .listener
+                        .as_ref()
+                        .expect("server mode has a listener")
+                        .accept();
+                    match accepted {
+                        Ok((stream, _)) => self.serve(stream)?,
+                        Err(e) => {
+                            warn!("accepting on {}: {e}", path.display());
+                            // Do not spin on a persistent error.
+                            thread::sleep(CLIENT_RETRY);
+                        }
                     }
                 }
             }
             Endpoint::Client(path) => {
-                let path_str = path.to_string_lossy().into_owned();
                 let mut waiting_logged = false;
                 loop {
-                    let connected = self.serve_one(|d, _| {
-                        let r = d.start_client(&path_str);
-                        if r.is_err() && !waiting_logged {
-                            info!("waiting for a frontend to listen on {}", path.display());
-                            waiting_logged = true;
+                    match UnixStream::connect(&path) {
+                        Ok(stream) => {
+                            waiting_logged = false;
+                            self.serve(stream)?;
                         }
-                        r
-                    })?;
-                    if connected {
-                        waiting_logged = false;
-                    } else {
-                        thread::sleep(CLIENT_RETRY);
+                        Err(e) => {
+                            if !waiting_logged {
+                                info!(
+                                    "waiting for a frontend to listen on {} ({e})",
+                                    path.display()
+                                );
+                                waiting_logged = true;
+                            }
+                            thread::sleep(CLIENT_RETRY);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// One connection, start to end. Returns whether a frontend was connected.
-    fn serve_one(
-        &mut self,
-        start: impl FnOnce(
-            &mut VhostUserDaemon<NetBackend>,
-            Option<&mut Listener>,
-        ) -> vhost_user_backend::Result<()>,
-    ) -> Result<bool, Error> {
+    /// One connection, start to end: the frontend talks to vhost-user-backend's request handler
+    /// through the relay.
+    fn serve(&mut self, frontend: UnixStream) -> Result<(), Error> {
         let mut daemon = VhostUserDaemon::new(
             "vhost-packet".to_string(),
             self.backend.clone(),
@@ -187,30 +199,37 @@ impl Daemon {
         // The workers exist from here on; give the pairs their epoll handlers before any
         // message arrives, so that a ring enabled early can start polling at once.
         self.backend.attach(&daemon.get_epoll_handlers());
-        let connected = match start(&mut daemon, self.listener.as_mut()) {
-            Ok(()) => {
-                info!("frontend connected");
-                match daemon.wait() {
-                    Ok(())
-                    | Err(vhost_user_backend::Error::HandleRequest(
-                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                    )) => info!("frontend disconnected"),
-                    Err(e) => warn!("frontend connection ended: {e}"),
-                }
-                true
-            }
+        let internal_path = self.internal.path().to_string_lossy().into_owned();
+        let handler_side = match daemon.start_client(&internal_path) {
+            Ok(()) => self.internal.accept().map_err(Error::Internal)?,
             Err(e) => {
-                debug!("no frontend connection: {e}");
-                false
+                warn!("starting the vhost-user request handler: {e}");
+                self.backend.detach();
+                return Ok(());
             }
         };
-        self.backend.detach();
-        if connected {
-            self.backend.log_stats("connection closed");
+        let relay = thread::Builder::new()
+            .name("vhost-user-relay".into())
+            .spawn(move || relay::relay(frontend, handler_side))
+            .map_err(Error::Internal)?;
+        info!("frontend connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("frontend disconnected"),
+            Err(e) => warn!("frontend connection ended: {e}"),
         }
+        match relay.join() {
+            Ok(Err(e)) => debug!("relay ended: {e}"),
+            Err(_) => warn!("the vhost-user relay panicked"),
+            Ok(Ok(())) => {}
+        }
+        self.backend.detach();
+        self.backend.log_stats("connection closed");
         // Dropping the daemon ends and joins this connection's workers.
         drop(daemon);
-        Ok(connected)
+        Ok(())
     }
 }
 

@@ -25,13 +25,10 @@ pub enum Error {
     SocketDirectoryMissing(PathBuf),
     /// Anything else about the socket path (not a socket, no permission to remove, ...).
     SocketPath { path: PathBuf, source: io::Error },
-    /// Creating the vhost-user listener failed.
-    Listen {
-        path: PathBuf,
-        source: vhost::vhost_user::Error,
-    },
     /// The vhost-user daemon could not be created.
     Daemon(vhost_user_backend::Error),
+    /// The private socket between the relay and the request handler failed.
+    Internal(io::Error),
     /// Preparing a queue pair's descriptors (dup, eventfd) failed.
     QueueSetup { pair: usize, source: io::Error },
     /// Blocking or waiting for signals failed.
@@ -59,8 +56,8 @@ impl fmt::Display for Error {
                 p.parent().map(|d| d.display().to_string()).unwrap_or_default()
             ),
             Error::SocketPath { path, source } => write!(f, "preparing socket {}: {source}", path.display()),
-            Error::Listen { path, source } => write!(f, "listening on {}: {source}", path.display()),
             Error::Daemon(e) => write!(f, "creating the vhost-user daemon: {e}"),
+            Error::Internal(e) => write!(f, "setting up the internal vhost-user socket: {e}"),
             Error::QueueSetup { pair, source } => write!(f, "setting up queue pair {pair}: {source}"),
             Error::Signals(e) => write!(f, "setting up signal handling: {e}"),
         }
@@ -72,7 +69,7 @@ impl std::error::Error for Error {
         match self {
             Error::Packet(e) => Some(e),
             Error::SocketPath { source, .. } => Some(source),
-            Error::Listen { source, .. } => Some(source),
+            Error::Internal(e) => Some(e),
             Error::QueueSetup { source, .. } => Some(source),
             Error::Signals(e) => Some(e),
             _ => None,

@@ -133,7 +133,7 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
     let daemon = Daemon::new(config)?;
 
     let backend = daemon.backend().clone();
-    let socket_file = daemon.socket_file();
+    let cleanup = daemon.paths_to_remove();
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -141,8 +141,8 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
                 Ok(Signal::DumpStats) => backend.log_stats("SIGUSR1"),
                 Ok(Signal::Terminate) => {
                     backend.log_stats("exit");
-                    if let Some(path) = &socket_file {
-                        let _ = std::fs::remove_file(path);
+                    for path in &cleanup {
+                        let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
                     }
                     info!("exiting on signal");
                     std::process::exit(0);

@@ -932,3 +932,47 @@ fn every_gso_kind_from_the_guest_leaves_only_when_negotiated() {
         }
     }
 }
+
+/// Sends a raw vhost-user `SET_VRING_ENABLE` (request 18) with the given flags.
+fn raw_vring_enable(stream: &mut std::os::unix::net::UnixStream, index: u32, on: u32, flags: u32) {
+    let mut msg = Vec::new();
+    for word in [18u32, flags, 8, index, on] {
+        msg.extend_from_slice(&word.to_le_bytes());
+    }
+    stream.write_all(&msg).unwrap();
+}
+
+#[test]
+fn vring_enable_before_set_features_as_qemu_sends_it() {
+    // QEMU's virtio-net enables the rings when it resets the device, before the guest driver
+    // negotiates: SET_VRING_ENABLE arrives before SET_FEATURES. vhost 0.18 alone would end the
+    // session there.
+    let Some(rig) = rig(&[]) else { return };
+    let mut stream = std::os::unix::net::UnixStream::connect(&rig.daemon.socket).unwrap();
+    raw_vring_enable(&mut stream, 0, 1, 0x1);
+    raw_vring_enable(&mut stream, 1, 1, 0x1);
+    // And one asking for an acknowledgement (REPLY_ACK style): it must get one.
+    raw_vring_enable(&mut stream, 1, 1, 0x1 | 0x8);
+    let mut reply = [0u8; 20];
+    stream.set_read_timeout(Some(T)).unwrap();
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[0..4], 18u32.to_le_bytes(), "a SET_VRING_ENABLE reply");
+    assert_eq!(reply[4..8], 0x5u32.to_le_bytes(), "version | reply");
+    assert_eq!(reply[12..20], 0u64.to_le_bytes(), "success");
+    stream.set_read_timeout(None).unwrap();
+    let mut fe = TestFrontend::from_stream(stream);
+    fe.start(FrontendConfig {
+        features: GUEST_FEATURES,
+        queue_size: 256,
+        mem_size: 64 << 20,
+    });
+    fe.post_rx_buffers(64, 1536);
+    fe.set_rx_autorefill(true);
+    fe.kick_rx();
+    ping(&mut fe, rig.peer_mac, 1);
+    assert!(
+        !rig.daemon.log().contains("connection ended"),
+        "{}",
+        rig.daemon.log()
+    );
+}

@@ -168,6 +168,21 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Only a child not yet reaped may be signalled by PID (std caches a reaped status).
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            let _ = std::fs::remove_file(&self.socket);
+            let _ = std::fs::remove_file(&self.log);
+            return;
+        }
+        // SIGTERM lets it clean up; SIGKILL if it does not exit promptly.
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
