@@ -976,3 +976,84 @@ fn vring_enable_before_set_features_as_qemu_sends_it() {
         rig.daemon.log()
     );
 }
+
+/// `frame` with an 802.1Q tag (VID `vid`) after the MAC addresses.
+fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00]);
+    f.extend_from_slice(&vid.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+#[test]
+fn vlan_tags_the_interface_strips_are_put_back() {
+    let Some(rig) = rig(&[]) else { return };
+    let peer = peer_socket(&rig);
+    for guest_csum in [true, false] {
+        let features = if guest_csum {
+            GUEST_FEATURES
+        } else {
+            GUEST_FEATURES
+                & !(feat::GUEST_CSUM | feat::GUEST_TSO4 | feat::GUEST_TSO6 | feat::GUEST_ECN)
+        };
+        let mut fe = guest(&rig, features, &[(64, 1536)]);
+        // A plain tagged frame, byte for byte.
+        let plain = tagged(
+            &ethernet(GUEST_MAC, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(300, 1)),
+            42,
+        );
+        peer.send_vectored(&[
+            std::io::IoSlice::new(&[0u8; 12]),
+            std::io::IoSlice::new(&plain),
+        ])
+        .unwrap();
+        let p = recv_matching(&mut fe, |f| {
+            f.len() == plain.len() && f[12..14] == [0x81, 0x00]
+        })
+        .expect("tagged frame arrives");
+        assert_eq!(p.frame, plain, "the guest sees the tag the kernel stripped");
+
+        // A tagged TCP segment with a partial checksum: csum_start counts the tag.
+        let (untagged, _, _) = partial_csum_frame(
+            (GUEST_MAC, rig.peer_mac),
+            L3::V4,
+            6,
+            TCP_ACK,
+            &pattern(700, 2),
+        );
+        let frame = tagged(&untagged, 42);
+        let h = vnet_header(vhdr::F_NEEDS_CSUM, 0, 0, 0, 38, 16, 0, 12);
+        peer.send_vectored(&[std::io::IoSlice::new(&h), std::io::IoSlice::new(&frame)])
+            .unwrap();
+        let p = recv_matching(&mut fe, |f| f.len() == frame.len() && f[16..18] == [8, 0])
+            .expect("tagged TCP frame arrives");
+        assert_eq!(p.frame[..16], frame[..16], "tag in place");
+        let inner: Vec<u8> = p.frame[..12]
+            .iter()
+            .chain(&p.frame[16..])
+            .copied()
+            .collect();
+        if guest_csum {
+            let hdr = p.hdr();
+            assert_eq!(
+                (hdr.flags, hdr.csum_start, hdr.csum_offset),
+                (vhdr::F_NEEDS_CSUM, 38, 16)
+            );
+            assert_eq!(p.frame, frame, "partial checksum left to the guest");
+        } else {
+            assert_eq!(p.hdr().flags, 0);
+            assert_eq!(
+                ipv4_l4_checksums_ok(&inner),
+                Some(true),
+                "checksum completed in software behind the tag"
+            );
+        }
+        drop(fe);
+        rig.daemon.wait_for_log_count(
+            "frontend disconnected",
+            rig.daemon.log().matches("frontend connected").count(),
+            T,
+        );
+    }
+}

@@ -27,6 +27,9 @@ use crate::virtio::used::{NotifyState, RingAddrs, UsedRing};
 pub const MAX_FRAME: usize = 65535 + 14 + 4;
 /// Packets per pass before other events get a turn.
 const BUDGET: usize = 256;
+/// Destination and source MAC: where a VLAN tag goes.
+const ETH_ADDRS_LEN: usize = 12;
+const VLAN_TAG_LEN: usize = 4;
 /// Used elements written before an intermediate publish, so the guest can start early.
 const PUBLISH_BATCH: u16 = 64;
 
@@ -349,9 +352,10 @@ impl RxPath {
         // SAFETY: every iovec was resolved from the current guest memory mapping, which the
         // caller keeps alive for the whole pass, and covers writable guest buffers only.
         let got = unsafe { ctx.socket.recv(&mut self.recv_iov)? };
-        let frame_len = got.len.saturating_sub(kernel_hdr);
+        let tag_len = if got.vlan.is_some() { VLAN_TAG_LEN } else { 0 };
+        let frame_len = got.len.saturating_sub(kernel_hdr) + tag_len;
         let guest_len = frame_len + hdr_len;
-        if got.truncated || guest_len > capacity || got.len < kernel_hdr {
+        if got.truncated || guest_len > capacity || got.len < kernel_hdr + ETH_ADDRS_LEN {
             ctx.stats.rx_drop_oversize += 1;
             self.log(format_args!(
                 "RX: dropped a {frame_len}-byte frame: guest buffers hold {capacity} bytes"
@@ -363,6 +367,21 @@ impl RxPath {
         let scatter = unsafe { Scatter::new(guest_iov) };
         let mut hdr_bytes = [0u8; LEN_MRG];
         scatter.read_at(0, &mut hdr_bytes[..hdr_len]);
+        if let Some(tag) = got.vlan {
+            // Put the tag the interface stripped back where it was, after the MAC addresses.
+            let tag_at = hdr_len + ETH_ADDRS_LEN;
+            scatter.shift_right(tag_at, frame_len - tag_len - ETH_ADDRS_LEN, tag_len);
+            scatter.write_at(tag_at, &tag.to_bytes());
+            // csum_start and hdr_len count from the start of the frame: they move with it.
+            let mut h = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
+                .expect("header buffer sized by header_len");
+            if h.needs_csum() {
+                h.set_csum_start(h.csum_start().saturating_add(tag_len as u16));
+            }
+            if h.hdr_len() != 0 {
+                h.set_hdr_len(h.hdr_len().saturating_add(tag_len as u16));
+            }
+        }
         let mut frame_head = [0u8; 64];
         let head_len = scatter.read_at(hdr_len, &mut frame_head[..frame_len.min(64)]);
         let mut hdr = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
@@ -477,7 +496,20 @@ mod tests {
     /// Frames handed over as a packet socket would: header first, truncated if too long.
     struct Scripted {
         hdr_len: usize,
+        /// The first `hdr_len` bytes are the header the source writes before every frame.
+        header: [u8; 12],
         frames: RefCell<VecDeque<Vec<u8>>>,
+        /// A tag "stripped by the interface" from every frame.
+        vlan: Option<crate::packet::socket::VlanTag>,
+    }
+
+    fn scripted(hdr_len: usize, frames: Vec<Vec<u8>>) -> Scripted {
+        Scripted {
+            hdr_len,
+            header: [0; 12],
+            frames: RefCell::new(frames.into()),
+            vlan: None,
+        }
     }
 
     impl FrameSource for Scripted {
@@ -493,7 +525,7 @@ mod tests {
             let Some(frame) = self.frames.borrow_mut().pop_front() else {
                 return Err(io::ErrorKind::WouldBlock.into());
             };
-            let mut bytes = vec![0u8; self.hdr_len];
+            let mut bytes = self.header[..self.hdr_len].to_vec();
             bytes.extend_from_slice(&frame);
             // SAFETY: the caller guarantees the iovecs are writable.
             let s = unsafe { Scatter::new(iov) };
@@ -501,6 +533,7 @@ mod tests {
             Ok(RecvLen {
                 len: bytes.len(),
                 truncated: written < bytes.len(),
+                vlan: self.vlan,
             })
         }
     }
@@ -625,10 +658,7 @@ mod tests {
             let capacity: usize = chains.iter().flatten().map(|&l| l as usize).sum();
             let mut guest = Guest::new(&chains);
             let frame = frame_of(frame_len);
-            let source = Scripted {
-                hdr_len: if kernel_hdr_10 { 10 } else { 12 },
-                frames: RefCell::new(VecDeque::from([frame.clone()])),
-            };
+            let source = scripted(if kernel_hdr_10 { 10 } else { 12 }, vec![frame.clone()]);
             let (pass, stats) = run(&mut guest, &source, MRG);
             let used = guest.used();
             if capacity < frame_len + 12 {
@@ -675,10 +705,7 @@ mod tests {
             .mem
             .write_obj(0u16, GuestAddress(DESC + 16 + 12))
             .unwrap();
-        let source = Scripted {
-            hdr_len: 12,
-            frames: RefCell::new(VecDeque::from([frame_of(3000)])),
-        };
+        let source = scripted(12, vec![frame_of(3000)]);
         let (pass, stats) = run(&mut guest, &source, MRG);
         assert_eq!(pass.outcome, RxOutcome::Drained);
         let used = guest.used();
@@ -697,10 +724,7 @@ mod tests {
     fn without_mrg_rxbuf_a_frame_must_fit_one_chain() {
         // VERSION_1 without MRG_RXBUF: 12-byte header, num_buffers 1, one chain per frame.
         let mut guest = Guest::new(&[vec![1000], vec![12, 3000]]);
-        let source = Scripted {
-            hdr_len: 12,
-            frames: RefCell::new(VecDeque::from([frame_of(1500), frame_of(900)])),
-        };
+        let source = scripted(12, vec![frame_of(1500), frame_of(900)]);
         let (pass, stats) = run(&mut guest, &source, 1 << VIRTIO_F_VERSION_1);
         assert_eq!(pass.outcome, RxOutcome::Drained);
         assert_eq!(
@@ -715,12 +739,36 @@ mod tests {
     }
 
     #[test]
+    fn stripped_vlan_tag_is_put_back_and_csum_start_moves() {
+        use crate::packet::socket::VlanTag;
+        let mut guest = Guest::new(&[vec![2000]]);
+        let frame = frame_of(100);
+        // NEEDS_CSUM at 34/16 and hdr_len 54, as the kernel reports them for the untagged frame.
+        let mut source = scripted(12, vec![frame.clone()]);
+        source.header = [1, 0, 54, 0, 0, 0, 34, 0, 16, 0, 0, 0];
+        source.vlan = Some(VlanTag {
+            tpid: 0x8100,
+            tci: 0x2abc,
+        });
+        let with_csum = MRG | (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_CSUM);
+        let (_, stats) = run(&mut guest, &source, with_csum);
+        assert_eq!(stats.rx_packets, 1);
+        assert_eq!(guest.used(), vec![(0, 12 + 104)]);
+        let got = guest.read_chain(0, 116);
+        let hdr = NetHeader::new_checked(&got[..12], 12).unwrap();
+        assert_eq!(
+            (hdr.csum_start(), hdr.csum_offset(), hdr.hdr_len()),
+            (38, 16, 58)
+        );
+        assert_eq!(got[12..24], frame[..12], "MAC addresses first");
+        assert_eq!(got[24..28], [0x81, 0x00, 0x2a, 0xbc], "then the tag");
+        assert_eq!(got[28..], frame[12..], "then the rest of the frame");
+    }
+
+    #[test]
     fn legacy_guest_gets_ten_byte_headers() {
         let mut guest = Guest::new(&[vec![2000]]);
-        let source = Scripted {
-            hdr_len: 10,
-            frames: RefCell::new(VecDeque::from([frame_of(100)])),
-        };
+        let source = scripted(10, vec![frame_of(100)]);
         let (_, stats) = run(&mut guest, &source, 0);
         assert_eq!(stats.rx_packets, 1);
         assert_eq!(guest.used(), vec![(0, 110)]);

@@ -63,6 +63,65 @@ pub struct RecvLen {
     pub len: usize,
     /// The packet was longer than the buffers; only the first part was copied.
     pub truncated: bool,
+    /// The 802.1Q/802.1ad tag the interface stripped from this frame, if any.
+    pub vlan: Option<VlanTag>,
+}
+
+/// A VLAN tag as it goes on the wire: TPID then TCI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VlanTag {
+    pub tpid: u16,
+    pub tci: u16,
+}
+
+impl VlanTag {
+    pub fn to_bytes(self) -> [u8; 4] {
+        let [a, b] = self.tpid.to_be_bytes();
+        let [c, d] = self.tci.to_be_bytes();
+        [a, b, c, d]
+    }
+}
+
+/// Room for one `tpacket_auxdata` control message, aligned as cmsg headers require.
+#[repr(C, align(8))]
+struct AuxBuffer([u8; 64]);
+
+/// The stripped VLAN tag reported in a `PACKET_AUXDATA` control message, if any.
+fn vlan_from_control(msg: &libc::msghdr) -> Option<VlanTag> {
+    // SAFETY: `msg` was filled in by recvmsg; its control pointer and length describe the
+    // buffer we supplied, which the CMSG_* macros walk within bounds.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is non-null and points at a cmsghdr inside the control buffer.
+        let hdr = unsafe { &*cmsg };
+        let want = mem::size_of::<libc::tpacket_auxdata>();
+        if hdr.cmsg_level == libc::SOL_PACKET
+            && hdr.cmsg_type == libc::PACKET_AUXDATA
+            // SAFETY: computing the length of a cmsg of `want` bytes has no preconditions.
+            && hdr.cmsg_len as usize >= unsafe { libc::CMSG_LEN(want as u32) } as usize
+        {
+            // SAFETY: the cmsg carries at least `want` bytes of data (checked above); the data
+            // may be unaligned, hence read_unaligned.
+            let aux: libc::tpacket_auxdata = unsafe {
+                std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::tpacket_auxdata>())
+            };
+            if aux.tp_status & libc::TP_STATUS_VLAN_VALID == 0 {
+                return None;
+            }
+            let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+                aux.tp_vlan_tpid
+            } else {
+                0x8100
+            };
+            return Some(VlanTag {
+                tpid,
+                tci: aux.tp_vlan_tci,
+            });
+        }
+        // SAFETY: `msg` and `cmsg` come from the walk above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+    None
 }
 
 /// An AF_PACKET `SOCK_RAW` socket bound to one interface, with a virtio net header.
@@ -148,6 +207,10 @@ impl PacketSocket {
                 VNET_HDR_LEN
             }
         };
+
+        // VLAN tags the interface stripped come only as auxiliary data; the guest must get
+        // them back in the frame.
+        set("PACKET_AUXDATA", libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
 
         set(
             "PACKET_IGNORE_OUTGOING",
@@ -301,12 +364,15 @@ impl PacketSocket {
     /// for the duration of the call and not accessed by anyone else meanwhile (for guest memory:
     /// mapped, and not concurrently used by the guest for anything the caller relies on).
     pub unsafe fn recv(&self, iov: &mut [libc::iovec]) -> io::Result<RecvLen> {
+        let mut aux = AuxBuffer([0; 64]);
         let mut msg = empty_msghdr();
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len() as _;
-        // SAFETY: `msg` is a valid msghdr without a name or control buffer; its iovecs point
-        // to writable memory of the stated lengths per this function's contract, and the iovec
-        // array itself lives across the call.
+        msg.msg_control = aux.0.as_mut_ptr().cast();
+        msg.msg_controllen = aux.0.len() as _;
+        // SAFETY: `msg` is a valid msghdr without a name; its control buffer is `aux`, alive
+        // and writable for its length; its iovecs point to writable memory of the stated
+        // lengths per this function's contract, and the iovec array lives across the call.
         let n = unsafe {
             libc::recvmsg(
                 self.fd.as_raw_fd(),
@@ -320,6 +386,7 @@ impl PacketSocket {
         Ok(RecvLen {
             len: n as usize,
             truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+            vlan: vlan_from_control(&msg),
         })
     }
 

@@ -248,6 +248,19 @@ impl<'a> Scatter<'a> {
         done
     }
 
+    /// Moves `[offset, offset + len)` to `offset + by`, as memmove would, clipped to the view.
+    pub fn shift_right(&self, offset: usize, len: usize, by: usize) {
+        let mut bounce = [0u8; 2048];
+        let mut end = offset + len;
+        // Back to front, so that nothing is overwritten before it is moved.
+        while end > offset {
+            let start = end.saturating_sub(bounce.len()).max(offset);
+            let n = self.read_at(start, &mut bounce[..end - start]);
+            self.write_at(start + by, &bounce[..n]);
+            end = start;
+        }
+    }
+
     /// Feeds the bytes of `[offset, offset + len)` to `f` in chunks, through a small bounce buffer
     /// so that no Rust reference ever points at memory the guest may be writing.
     pub fn for_each_chunk(&self, offset: usize, len: usize, mut f: impl FnMut(&[u8])) {
@@ -295,6 +308,24 @@ mod tests {
         s.for_each_chunk(1, 6, |chunk| seen.extend_from_slice(chunk));
         assert_eq!(seen, [0, 1, 2, 3, 4, 0]);
         assert_eq!(s.read_at(20, &mut out), 0);
+    }
+
+    #[test]
+    fn shift_right_moves_bytes_across_segments() {
+        let mut data: Vec<u8> = (0..10000u32).map(|i| i as u8).collect();
+        let want: Vec<u8> = data[..12]
+            .iter()
+            .chain(&data[12..12 + 4])
+            .chain(&data[12..9996])
+            .copied()
+            .collect();
+        let (a, rest) = data.split_at_mut(13);
+        let (b, c) = rest.split_at_mut(5000);
+        let iovs = [iov(a), iov(b), iov(c)];
+        // SAFETY: the iovecs point into `data`, alive for this test.
+        let s = unsafe { Scatter::new(&iovs) };
+        s.shift_right(12, 9984, 4);
+        assert_eq!(data, want);
     }
 
     #[test]
