@@ -429,50 +429,73 @@ fn e_malformed_tx_headers_are_counted_and_the_queue_keeps_flowing() {
     let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
     let cap = peer_socket(&rig);
     let frame = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(200, 1));
-    let bad = [
-        // hdr_len beyond the frame: the kernel says EINVAL.
-        vnet_header(vhdr::F_NEEDS_CSUM, 0, 2000, 0, 14, 4, 0, fe.header_len()),
+    let (v6, _, _) = partial_csum_frame(
+        (rig.peer_mac, GUEST_MAC),
+        L3::V6,
+        6,
+        TCP_ACK,
+        &pattern(3000, 3),
+    );
+    let hl = fe.header_len();
+    let malformed = [
+        // hdr_len beyond the frame.
+        (
+            vnet_header(vhdr::F_NEEDS_CSUM, 0, 2000, 0, 14, 4, 0, hl),
+            &frame,
+        ),
         // csum_start beyond the frame.
-        vnet_header(vhdr::F_NEEDS_CSUM, 0, 0, 0, 5000, 0, 0, fe.header_len()),
+        (
+            vnet_header(vhdr::F_NEEDS_CSUM, 0, 0, 0, 5000, 0, 0, hl),
+            &frame,
+        ),
         // GSO with gso_size 0.
-        vnet_header(
-            vhdr::F_NEEDS_CSUM,
-            vhdr::GSO_TCPV4,
-            54,
-            0,
-            34,
-            16,
-            0,
-            fe.header_len(),
+        (
+            vnet_header(vhdr::F_NEEDS_CSUM, vhdr::GSO_TCPV4, 54, 0, 34, 16, 0, hl),
+            &frame,
+        ),
+        // TCPV4 segmentation asked for an IPv6 frame (the kernel would answer ENOMEM).
+        (
+            vnet_header(vhdr::F_NEEDS_CSUM, vhdr::GSO_TCPV4, 74, 1448, 54, 16, 0, hl),
+            &v6,
         ),
     ];
-    for h in &bad {
-        send_frame(&mut fe, h, &frame);
+    for (h, f) in &malformed {
+        send_frame(&mut fe, h, f);
     }
     // An unnegotiated GSO type (UFO) is refused before the kernel sees it.
-    let ufo = vnet_header(
-        vhdr::F_NEEDS_CSUM,
-        vhdr::GSO_UDP,
-        42,
-        1000,
-        34,
-        6,
-        0,
-        fe.header_len(),
-    );
+    let ufo = vnet_header(vhdr::F_NEEDS_CSUM, vhdr::GSO_UDP, 42, 1000, 34, 6, 0, hl);
     send_frame(&mut fe, &ufo, &frame);
-    let good = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(300, 2));
+    // What only the kernel can refuse: a frame over the MTU...
+    let big = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(3000, 4));
     let h = plain_header(&fe);
-    send_frame(&mut fe, &h, &good);
-    let got = capture(&cap, |f| {
-        f.len() > 14 && f[12..14] == ETH_EXPERIMENTAL.to_be_bytes()
-    })
-    .expect("the good frame goes through");
+    send_frame(&mut fe, &h, &big);
+    // ...and anything while the link is down.
+    rig._host.ip(&["link", "set", "vh0", "down"]);
+    send_frame(&mut fe, &h, &frame);
+    rig._host.ip(&["link", "set", "vh0", "up"]);
+
+    let good = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(300, 2));
+    let deadline = std::time::Instant::now() + T;
+    let got = loop {
+        // The link needs a moment to carry traffic again after coming up.
+        send_frame(&mut fe, &h, &good);
+        if let Some(f) = capture(&cap, |f| {
+            f.len() > 14 && f[12..14] == ETH_EXPERIMENTAL.to_be_bytes()
+        }) {
+            break f;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the good frame never went through"
+        );
+    };
     assert_eq!(got, good, "only the good frame reached the peer");
     let s = rig.daemon.stats();
-    assert_eq!(s["tx.drops.kernel"], 3, "{s:?}");
+    assert_eq!(s["tx.drops.malformed"], 4, "{s:?}");
     assert_eq!(s["tx.drops.unnegotiated"], 1, "{s:?}");
-    assert_eq!(s["tx.packets"], 1, "{s:?}");
+    assert_eq!(s["tx.drops.oversize"], 1, "{s:?}");
+    assert!(s["tx.drops.kernel"] >= 1, "ENETDOWN while down: {s:?}");
+    assert!(s["tx.packets"] >= 1, "{s:?}");
 }
 
 #[test]

@@ -5,7 +5,11 @@ use crate::virtio::chain::Scatter;
 use crate::virtio::features::Negotiated;
 use crate::virtio::header::{GsoKind, NetHeader, FLAG_DATA_VALID, FLAG_NEEDS_CSUM};
 use crate::wire::checksum::Checksum;
-use crate::wire::ethernet::EthernetFrame;
+use crate::wire::ethernet::{EthernetFrame, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+use crate::wire::ipv4::{self, Ipv4Packet, PROTO_TCP, PROTO_UDP};
+use crate::wire::ipv6::{self, Ipv6Packet};
+use crate::wire::tcp::CHECKSUM_OFFSET as TCP_CHECKSUM_OFFSET;
+use crate::wire::udp::CHECKSUM_OFFSET as UDP_CHECKSUM_OFFSET;
 
 /// What to do with a received frame, given its header and the guest's features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +51,100 @@ fn is_ipv6(frame_head: &[u8]) -> bool {
         .and_then(|f| f.network_offset().ok())
         .map(|(ethertype, _)| ethertype == crate::wire::ethernet::ETHERTYPE_IPV6)
         .unwrap_or(false)
+}
+
+/// Why a guest's TX header contradicts its frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxHeaderError {
+    /// `hdr_len`, `csum_start` or the checksum field lie beyond the frame.
+    OutOfFrame,
+    /// GSO with `gso_size` 0.
+    ZeroGsoSize,
+    /// The GSO type names another IP version or transport than the frame carries.
+    WrongProtocol,
+    /// For GSO, the checksum must be the transport header's own.
+    WrongChecksumPlace,
+}
+
+impl std::fmt::Display for TxHeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TxHeaderError::OutOfFrame => "header offsets point beyond the frame",
+            TxHeaderError::ZeroGsoSize => "GSO with gso_size 0",
+            TxHeaderError::WrongProtocol => "GSO type does not match the frame's protocols",
+            TxHeaderError::WrongChecksumPlace => {
+                "GSO checksum offsets are not the transport header's"
+            }
+        })
+    }
+}
+
+/// Checks that a TX header describes its frame, so that the kernel gets only consistent
+/// requests (it rejects some inconsistencies with misleading errors, ENOMEM for TCPV4 on an
+/// IPv6 frame, and would silently mis-segment others). `frame_head` holds the first bytes of
+/// the frame, at least its headers when they fit in it.
+pub fn check_tx_header<T: AsRef<[u8]>>(
+    hdr: &NetHeader<T>,
+    frame_head: &[u8],
+    frame_len: usize,
+) -> Result<(), TxHeaderError> {
+    let kind = hdr.gso_kind();
+    if !hdr.needs_csum() && kind == GsoKind::None {
+        return Ok(());
+    }
+    if usize::from(hdr.hdr_len()) > frame_len {
+        return Err(TxHeaderError::OutOfFrame);
+    }
+    if hdr.needs_csum() {
+        let field_end = usize::from(hdr.csum_start()) + usize::from(hdr.csum_offset()) + 2;
+        if field_end > frame_len {
+            return Err(TxHeaderError::OutOfFrame);
+        }
+    }
+    if kind == GsoKind::None {
+        return Ok(());
+    }
+    if hdr.gso_size() == 0 {
+        return Err(TxHeaderError::ZeroGsoSize);
+    }
+    let (l4_at, proto, ipv6) = transport_of(frame_head).ok_or(TxHeaderError::WrongProtocol)?;
+    let (want_proto, csum_offset) = match kind {
+        GsoKind::TcpV4 if !ipv6 => (PROTO_TCP, TCP_CHECKSUM_OFFSET),
+        GsoKind::TcpV6 if ipv6 => (PROTO_TCP, TCP_CHECKSUM_OFFSET),
+        GsoKind::UdpL4 => (PROTO_UDP, UDP_CHECKSUM_OFFSET),
+        _ => return Err(TxHeaderError::WrongProtocol),
+    };
+    if proto != want_proto {
+        return Err(TxHeaderError::WrongProtocol);
+    }
+    if usize::from(hdr.csum_start()) != l4_at || usize::from(hdr.csum_offset()) != csum_offset {
+        return Err(TxHeaderError::WrongChecksumPlace);
+    }
+    Ok(())
+}
+
+/// Offset of the transport header, its protocol, and whether the frame is IPv6. Works on a
+/// prefix of the frame: only the IP header must be in it.
+fn transport_of(frame: &[u8]) -> Option<(usize, u8, bool)> {
+    let (ethertype, l3) = EthernetFrame::new_checked(frame)
+        .ok()?
+        .network_offset()
+        .ok()?;
+    let ip = frame.get(l3..)?;
+    match ethertype {
+        ETHERTYPE_IPV4 if ip.len() >= ipv4::HEADER_LEN => {
+            // Unchecked: the prefix does not hold the whole packet; the fixed header does fit.
+            let p = Ipv4Packet::new_unchecked(ip);
+            let header_len = p.header_len();
+            (p.version() == 4 && header_len >= ipv4::HEADER_LEN && header_len <= ip.len())
+                .then(|| (l3 + header_len, p.protocol(), false))
+        }
+        ETHERTYPE_IPV6 if ip.len() >= ipv6::HEADER_LEN => {
+            let p = Ipv6Packet::new_unchecked(ip);
+            (p.version() == 6).then(|| (l3 + ipv6::HEADER_LEN, p.next_header(), true))
+        }
+        _ => None,
+    }
 }
 
 /// The flags byte the guest may see: NEEDS_CSUM and DATA_VALID only with GUEST_CSUM.
@@ -248,6 +346,113 @@ mod tests {
             RxVerdict::Deliver {
                 complete_csum: false
             }
+        );
+    }
+
+    fn tx_header(
+        flags: u8,
+        gso: u8,
+        hdr_len: u16,
+        gso_size: u16,
+        start: u16,
+        offset: u16,
+    ) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        let mut v = NetHeader::new_checked(&mut h[..], LEN_MRG).unwrap();
+        v.set_flags(flags);
+        v.set_gso_type(gso);
+        v.set_hdr_len(hdr_len);
+        v.set_gso_size(gso_size);
+        v.set_csum_start(start);
+        v.set_csum_offset(offset);
+        h
+    }
+
+    #[test]
+    fn tx_headers_must_describe_their_frame() {
+        use crate::virtio::header::{GSO_TCPV6, GSO_UDP_L4};
+        let (v4, _) = tcp_frame();
+        let len = v4.len();
+        let mut v6 = v4.clone();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        v6[14] = 0x60;
+        v6[14 + 6] = 6;
+        // The IPv6 header is 20 bytes longer than the IPv4 one it replaces.
+        v6.extend_from_slice(&[0; 20]);
+        let check = |h: [u8; 12], frame: &[u8]| {
+            check_tx_header(
+                &NetHeader::new_checked(&h[..], LEN_MRG).unwrap(),
+                frame,
+                frame.len(),
+            )
+        };
+        let n = FLAG_NEEDS_CSUM;
+        assert_eq!(
+            check(tx_header(0, 0, 9999, 0, 9999, 9999), &v4),
+            Ok(()),
+            "plain frames are not looked at"
+        );
+        assert_eq!(check(tx_header(n, 0, 0, 0, 34, 16), &v4), Ok(()));
+        assert_eq!(
+            check(tx_header(n, GSO_TCPV4, 54, 1448, 34, 16), &v4),
+            Ok(())
+        );
+        assert_eq!(
+            check(tx_header(n, GSO_TCPV4, 54, 1448, 34, 16), &v4[..60]),
+            Ok(()),
+            "a prefix is enough"
+        );
+        let bad = [
+            (
+                tx_header(n, 0, 0, 0, len as u16, 0),
+                TxHeaderError::OutOfFrame,
+            ),
+            (
+                tx_header(n, 0, 0, 0, 34, (len - 35) as u16),
+                TxHeaderError::OutOfFrame,
+            ),
+            (
+                tx_header(n, GSO_TCPV4, 2000, 1448, 34, 16),
+                TxHeaderError::OutOfFrame,
+            ),
+            (
+                tx_header(n, GSO_TCPV4, 54, 0, 34, 16),
+                TxHeaderError::ZeroGsoSize,
+            ),
+            (
+                tx_header(n, GSO_TCPV6, 54, 1448, 34, 16),
+                TxHeaderError::WrongProtocol,
+            ),
+            (
+                tx_header(n, GSO_UDP_L4, 42, 1448, 34, 6),
+                TxHeaderError::WrongProtocol,
+            ),
+            (
+                tx_header(n, GSO_TCPV4, 54, 1448, 30, 16),
+                TxHeaderError::WrongChecksumPlace,
+            ),
+            (
+                tx_header(n, GSO_TCPV4, 54, 1448, 34, 6),
+                TxHeaderError::WrongChecksumPlace,
+            ),
+        ];
+        for (h, want) in bad {
+            assert_eq!(check(h, &v4), Err(want), "{h:?}");
+        }
+        assert_eq!(
+            check(tx_header(n, GSO_TCPV4, 74, 1448, 54, 16), &v6),
+            Err(TxHeaderError::WrongProtocol)
+        );
+        assert_eq!(
+            check(tx_header(n, GSO_TCPV6, 74, 1448, 54, 16), &v6),
+            Ok(())
+        );
+        let h = tx_header(n, GSO_TCPV4, 54, 1448, 34, 16);
+        let h = NetHeader::new_checked(&h[..], LEN_MRG).unwrap();
+        assert_eq!(
+            check_tx_header(&h, &v4[..20], len),
+            Err(TxHeaderError::WrongProtocol),
+            "IP header not in the prefix"
         );
     }
 

@@ -13,6 +13,7 @@ use libc::{iovec, mmsghdr};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::offload;
 use crate::packet::socket::PacketSocket;
 use crate::stats::{PairStats, RateLimit};
 use crate::virtio::chain::{self, Access, Scatter};
@@ -285,6 +286,18 @@ impl TxPath {
                 hdr.gso_type()
             ));
             return Fate::Drop;
+        }
+        if wants_csum {
+            // Enough of the frame for Ethernet, two VLAN tags and the largest IP header.
+            let mut head = [0u8; 96];
+            let n = scatter.read_at(hdr_len, &mut head);
+            if let Err(e) = offload::check_tx_header(&hdr, &head[..n], len - hdr_len) {
+                ctx.stats.tx_drop_malformed += 1;
+                self.log(format_args!(
+                    "TX: dropped a frame whose header does not match it: {e}"
+                ));
+                return Fate::Drop;
+            }
         }
         let msg = self.msg_iov.len();
         if kernel_hdr == hdr_len {
