@@ -420,7 +420,21 @@ impl RxPath {
             hdr.set_csum_offset(0);
         }
 
-        // Which staged chains the frame filled, and their used lengths.
+        let filled = self.chains_for(guest_len);
+        hdr.set_num_buffers(filled as u16);
+        let gso = hdr.gso_kind() != GsoKind::None;
+        scatter.write_at(0, &hdr_bytes[..hdr_len]);
+        self.complete(ctx, used, guest_len, filled);
+
+        ctx.stats.rx_packets += 1;
+        ctx.stats.rx_bytes += frame_len as u64;
+        ctx.stats.rx_gso += u64::from(gso);
+        ctx.stats.rx_multi_buffer += u64::from(filled > 1);
+        Ok(())
+    }
+
+    /// How many staged good chains a packet of `guest_len` bytes fills, front to back.
+    fn chains_for(&self, guest_len: usize) -> usize {
         let mut remaining = guest_len;
         let mut filled = 0usize;
         for s in self.staged.iter().filter(|s| !s.bad) {
@@ -430,11 +444,19 @@ impl RxPath {
             remaining -= remaining.min(s.chain.len as usize);
             filled += 1;
         }
-        hdr.set_num_buffers(filled as u16);
-        let gso = hdr.gso_kind() != GsoKind::None;
-        scatter.write_at(0, &hdr_bytes[..hdr_len]);
+        filled
+    }
 
-        // The frame's used elements must be adjacent in the used ring (the guest takes the
+    /// Writes the used elements of a packet of `guest_len` bytes that fills the first `filled`
+    /// good staged chains, and takes those chains off the staging queue.
+    fn complete<S: FrameSource + ?Sized>(
+        &mut self,
+        ctx: &mut RxContext<'_, S>,
+        used: &mut UsedRing,
+        guest_len: usize,
+        filled: usize,
+    ) {
+        // The packet's used elements must be adjacent in the used ring (the guest takes the
         // num_buffers elements that follow the first), so broken chains skipped over are
         // returned after them.
         let mut remaining = guest_len;
@@ -463,12 +485,6 @@ impl RxPath {
         for &head in &self.skipped_bad {
             let _ = used.push(ctx.mem, head, 0);
         }
-
-        ctx.stats.rx_packets += 1;
-        ctx.stats.rx_bytes += frame_len as u64;
-        ctx.stats.rx_gso += u64::from(gso);
-        ctx.stats.rx_multi_buffer += u64::from(filled > 1);
-        Ok(())
     }
 
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
