@@ -14,9 +14,12 @@ pub struct PairStats {
     pub rx_multi_buffer: u64,
     /// Checksums finished in software for a guest without GUEST_CSUM.
     pub rx_csum_completed: u64,
+    /// GSO frames the guest could not take whole, delivered as segments made in software.
+    pub rx_segmented: u64,
     /// Frames larger than the guest buffers could take.
     pub rx_drop_oversize: u64,
-    /// Frames the kernel dropped while the guest had no buffers (PACKET_STATISTICS).
+    /// Frames the kernel dropped while the guest had no buffers (PACKET_STATISTICS), and
+    /// software segments the guest had no buffers for.
     pub rx_drop_no_buffers: u64,
     /// GSO or checksum metadata the guest did not negotiate.
     pub rx_drop_offload: u64,
@@ -66,7 +69,7 @@ impl fmt::Display for PairStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "rx packets={} bytes={} gso={} multi_buffer={} csum_completed={} notifications={} kicks={} \
+            "rx packets={} bytes={} gso={} multi_buffer={} csum_completed={} segmented={} notifications={} kicks={} \
              drops[oversize={} no_buffers={} offload={} bad_chain={} kernel={}]; \
              tx packets={} bytes={} gso={} backpressure={} notifications={} kicks={} \
              drops[malformed={} unnegotiated={} oversize={} kernel={}]",
@@ -75,6 +78,7 @@ impl fmt::Display for PairStats {
             self.rx_gso,
             self.rx_multi_buffer,
             self.rx_csum_completed,
+            self.rx_segmented,
             self.rx_notifications,
             self.rx_kicks,
             self.rx_drop_oversize,

@@ -4,6 +4,7 @@
 
 pub mod offload;
 pub mod rx;
+pub mod segment;
 pub mod tx;
 
 use std::io;

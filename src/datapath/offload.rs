@@ -1,6 +1,7 @@
 //! Offload fallbacks on RX: what the guest did not negotiate is done here in software, or the
 //! frame is refused. Never is a frame delivered with metadata the guest cannot interpret.
 
+use super::segment::SegmentCsum;
 use crate::virtio::chain::Scatter;
 use crate::virtio::features::Negotiated;
 use crate::virtio::header::{GsoKind, NetHeader, FLAG_DATA_VALID, FLAG_NEEDS_CSUM};
@@ -16,8 +17,10 @@ use crate::wire::udp::CHECKSUM_OFFSET as UDP_CHECKSUM_OFFSET;
 pub enum RxVerdict {
     /// Deliver; `complete_csum` asks for the checksum to be finished in software first.
     Deliver { complete_csum: bool },
-    /// The frame is GSO and the guest cannot take that kind (software segmentation is a later
-    /// stage of this project); dropped and counted.
+    /// The frame is GSO and the guest cannot take it whole: deliver its segments, with full
+    /// checksums or (for a guest with GUEST_CSUM) partial ones.
+    Segment(SegmentCsum),
+    /// A GSO kind nobody segments (UFO, unknown): dropped and counted.
     RefuseGso,
 }
 
@@ -37,7 +40,16 @@ pub fn rx_verdict<T: AsRef<[u8]>>(
         // A GSO frame always has a partial checksum; a guest without GUEST_CSUM cannot have
         // negotiated GUEST_TSO (the spec makes TSO depend on it), but check anyway.
         if !ok || !features.guest_csum() {
-            return RxVerdict::RefuseGso;
+            return match kind {
+                GsoKind::TcpV4 | GsoKind::TcpV6 | GsoKind::UdpL4 => {
+                    RxVerdict::Segment(if features.guest_csum() {
+                        SegmentCsum::Partial
+                    } else {
+                        SegmentCsum::Full
+                    })
+                }
+                _ => RxVerdict::RefuseGso,
+            };
         }
     }
     RxVerdict::Deliver {
@@ -315,9 +327,15 @@ mod tests {
         );
         assert_eq!(
             rx_verdict(&hdr, csum_only, &ipv4_frame),
-            RxVerdict::RefuseGso
+            RxVerdict::Segment(SegmentCsum::Partial)
         );
-        assert_eq!(rx_verdict(&hdr, none, &ipv4_frame), RxVerdict::RefuseGso);
+        assert_eq!(
+            rx_verdict(&hdr, none, &ipv4_frame),
+            RxVerdict::Segment(SegmentCsum::Full)
+        );
+        let ufo = header(FLAG_NEEDS_CSUM, crate::virtio::header::GSO_UDP);
+        let ufo = NetHeader::new_checked(&ufo[..], LEN_MRG).unwrap();
+        assert_eq!(rx_verdict(&ufo, full, &ipv4_frame), RxVerdict::RefuseGso);
 
         let plain = header(FLAG_NEEDS_CSUM, 0);
         let plain = NetHeader::new_checked(&plain[..], LEN_MRG).unwrap();
@@ -338,7 +356,10 @@ mod tests {
         let uso = header(FLAG_NEEDS_CSUM, GSO_UDP_L4);
         let uso = NetHeader::new_checked(&uso[..], LEN_MRG).unwrap();
         let uso6 = Negotiated::new(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_USO6));
-        assert_eq!(rx_verdict(&uso, uso6, &ipv4_frame), RxVerdict::RefuseGso);
+        assert_eq!(
+            rx_verdict(&uso, uso6, &ipv4_frame),
+            RxVerdict::Segment(SegmentCsum::Partial)
+        );
         let mut ipv6_frame = ipv4_frame.clone();
         ipv6_frame[12..14].copy_from_slice(&[0x86, 0xdd]);
         assert_eq!(
