@@ -45,6 +45,15 @@ pub enum RxOutcome {
     Budget,
 }
 
+/// A GSO frame (held in `RxPath::bounce`) whose segments are partly delivered.
+#[derive(Clone, Copy, Debug)]
+struct PendingGso {
+    params: GsoParams,
+    len: usize,
+    /// Segments already delivered.
+    done: usize,
+}
+
 /// One staged guest chain; `bad` chains are returned with length 0 once they reach the front.
 #[derive(Clone, Copy, Debug)]
 struct Staged {
@@ -62,6 +71,8 @@ pub struct RxPath {
     signal_due: bool,
     /// A GSO frame being segmented, moved out of the guest buffers that take its segments.
     bounce: Vec<u8>,
+    /// The frame in `bounce` still has segments to deliver.
+    pending: Option<PendingGso>,
     pub notify: NotifyState,
     log_limit: RateLimit,
 }
@@ -81,6 +92,7 @@ impl Default for RxPath {
             skipped_bad: Vec::new(),
             signal_due: false,
             bounce: Vec::new(),
+            pending: None,
             notify: NotifyState::default(),
             log_limit: RateLimit::new(Duration::from_secs(5)),
         }
@@ -138,6 +150,8 @@ impl RxPath {
     /// Forgets per-connection state (a new frontend starts with fresh rings).
     pub fn reset(&mut self) {
         self.notify = NotifyState::default();
+        // A new connection has new rings: a half-delivered frame of the old one is gone.
+        self.pending = None;
         self.clear_staging();
     }
 
@@ -203,6 +217,9 @@ impl RxPath {
         let mergeable = ctx.features.mrg_rxbuf();
         let kernel_hdr = ctx.socket.kernel_vnet_header_len();
         for _ in 0..BUDGET {
+            if !self.deliver_segments(ctx, used, hdr_len, mergeable) {
+                return RxOutcome::NeedBuffers;
+            }
             self.stage(ctx, used, hdr_len, mergeable);
             let capacity = self.capacity(mergeable);
             if capacity == 0 {
@@ -389,11 +406,14 @@ impl RxPath {
                 let params = GsoParams::from_header(&hdr, csum);
                 // The frame's segments go into the very buffers it was received into, so it
                 // moves out first.
-                let mut frame = std::mem::take(&mut self.bounce);
-                frame.resize(MAX_FRAME, 0);
-                scatter.read_at(hdr_len, &mut frame[..frame_len]);
-                self.deliver_segments(ctx, used, &frame[..frame_len], &params, hdr_len, mergeable);
-                self.bounce = frame;
+                self.bounce.resize(MAX_FRAME, 0);
+                scatter.read_at(hdr_len, &mut self.bounce[..frame_len]);
+                self.pending = Some(PendingGso {
+                    params,
+                    len: frame_len,
+                    done: 0,
+                });
+                self.deliver_segments(ctx, used, hdr_len, mergeable);
                 return Ok(());
             }
             RxVerdict::RefuseGso => {
@@ -441,18 +461,51 @@ impl RxPath {
         Ok(())
     }
 
-    /// Delivers the segments of a GSO frame as packets of their own, each with its virtio
-    /// header, as long as the guest has buffers for them.
+    /// Delivers the segments of the pending GSO frame as packets of their own, each with its
+    /// virtio header, as far as the guest has buffers. Returns whether it is done; if not, the
+    /// rest waits in `pending` for the guest's next buffers (nothing is dropped for want of
+    /// buffers, as with whole frames).
     fn deliver_segments<S: FrameSource + ?Sized>(
         &mut self,
         ctx: &mut RxContext<'_, S>,
         used: &mut UsedRing,
-        frame: &[u8],
-        params: &GsoParams,
         hdr_len: usize,
         mergeable: bool,
-    ) {
-        let plan = match segment::plan(frame, params) {
+    ) -> bool {
+        let Some(pending) = self.pending else {
+            return true;
+        };
+        let frame = std::mem::take(&mut self.bounce);
+        let (finished, sent) = self.emit_segments(
+            ctx,
+            used,
+            &frame[..pending.len],
+            &pending,
+            hdr_len,
+            mergeable,
+        );
+        self.bounce = frame;
+        if finished {
+            self.pending = None;
+            ctx.stats.rx_segmented += 1;
+        } else if let Some(p) = self.pending.as_mut() {
+            p.done += sent;
+        }
+        finished
+    }
+
+    /// Writes the segments of `frame` from number `pending.done` on. Returns whether all are
+    /// out, and how many this call wrote.
+    fn emit_segments<S: FrameSource + ?Sized>(
+        &mut self,
+        ctx: &mut RxContext<'_, S>,
+        used: &mut UsedRing,
+        frame: &[u8],
+        pending: &PendingGso,
+        hdr_len: usize,
+        mergeable: bool,
+    ) -> (bool, usize) {
+        let plan = match segment::plan(frame, &pending.params) {
             Ok(plan) => plan,
             Err(e) => {
                 ctx.stats.rx_drop_offload += 1;
@@ -460,17 +513,26 @@ impl RxPath {
                     "RX: cannot segment a {}-byte GSO frame: {e}",
                     frame.len()
                 ));
-                return;
+                return (true, 0);
             }
         };
-        let total = plan.segments();
-        let partial = params.csum == SegmentCsum::Partial;
+        let partial = pending.params.csum == SegmentCsum::Partial;
+        let mut index = 0usize;
         let mut sent = 0usize;
-        let delivered = plan.emit(|seg| {
+        let result = plan.emit(|seg| {
+            index += 1;
+            if index <= pending.done {
+                return Ok(());
+            }
             let guest_len = hdr_len + seg.len();
             self.stage(ctx, used, hdr_len, mergeable);
-            if guest_len > self.capacity(mergeable) {
-                return Err(());
+            let capacity = self.capacity(mergeable);
+            if guest_len > capacity {
+                if !mergeable && capacity > 0 {
+                    // One chain per packet and it is too small: more buffers will not help.
+                    return Err(true);
+                }
+                return Err(false);
             }
             let filled = self.chains_for(guest_len);
             let mut vh = [0u8; LEN_MRG];
@@ -495,13 +557,17 @@ impl RxPath {
             sent += 1;
             Ok(())
         });
-        ctx.stats.rx_segmented += 1;
-        if delivered.is_err() {
-            // Lost segments are retransmitted by TCP; the guest posts more buffers meanwhile.
-            ctx.stats.rx_drop_no_buffers += (total - sent) as u64;
-            self.log(format_args!(
-                "RX: the guest ran out of buffers while taking the {total} segments of a GSO frame"
-            ));
+        match result {
+            Ok(_) => (true, sent),
+            Err(false) => (false, sent),
+            Err(true) => {
+                let lost = plan.segments() - pending.done - sent;
+                ctx.stats.rx_drop_oversize += lost as u64;
+                self.log(format_args!(
+                    "RX: dropped {lost} segments larger than the guest's buffers"
+                ));
+                (true, sent)
+            }
         }
     }
 
@@ -643,6 +709,9 @@ mod tests {
         queue: Queue,
         /// Descriptors (addr, len) of each posted chain, by head.
         chains: Vec<Vec<(u64, u32)>>,
+        next_desc: u16,
+        next_addr: u64,
+        avail: u16,
     }
 
     impl Guest {
@@ -655,42 +724,45 @@ mod tests {
             queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
             queue.set_used_ring_address(Some(USED as u32), Some(0));
             queue.set_ready(true);
-            let mut next_desc = 0u16;
-            let mut addr = BUFFERS;
-            let mut posted = Vec::new();
-            for (i, lens) in chains.iter().enumerate() {
-                let head = next_desc;
+            let mut guest = Guest {
+                mem,
+                queue,
+                chains: Vec::new(),
+                next_desc: 0,
+                next_addr: BUFFERS,
+                avail: 0,
+            };
+            guest.post(chains);
+            guest
+        }
+
+        /// Adds chains to the avail ring after those already there.
+        fn post(&mut self, chains: &[Vec<u32>]) {
+            let mem = &self.mem;
+            for lens in chains {
+                let head = self.next_desc;
                 let mut descs = Vec::new();
                 for (j, &len) in lens.iter().enumerate() {
                     let last = j + 1 == lens.len();
                     let flags: u16 = 2 | if last { 0 } else { 1 }; // WRITE | NEXT
-                    let d = DESC + 16 * u64::from(next_desc);
-                    mem.write_obj(addr, GuestAddress(d)).unwrap();
+                    let d = DESC + 16 * u64::from(self.next_desc);
+                    mem.write_obj(self.next_addr, GuestAddress(d)).unwrap();
                     mem.write_obj(len, GuestAddress(d + 8)).unwrap();
                     mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-                    mem.write_obj(next_desc + 1, GuestAddress(d + 14)).unwrap();
-                    descs.push((addr, len));
-                    addr += u64::from(len).next_multiple_of(16);
-                    next_desc += 1;
+                    mem.write_obj(self.next_desc + 1, GuestAddress(d + 14))
+                        .unwrap();
+                    descs.push((self.next_addr, len));
+                    self.next_addr += u64::from(len).next_multiple_of(16);
+                    self.next_desc += 1;
                 }
-                mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * i as u64))
+                let slot = u64::from(self.avail % QSIZE);
+                mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
                     .unwrap();
-                posted.push(descs);
+                self.avail += 1;
+                self.chains.resize(usize::from(self.next_desc), Vec::new());
+                self.chains[usize::from(head)] = descs;
             }
-            mem.write_obj(chains.len() as u16, GuestAddress(AVAIL + 2))
-                .unwrap();
-            let mut by_head = vec![Vec::new(); usize::from(next_desc)];
-            let mut head = 0usize;
-            for descs in posted {
-                let n = descs.len();
-                by_head[head] = descs;
-                head += n;
-            }
-            Guest {
-                mem,
-                queue,
-                chains: by_head,
-            }
+            mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).unwrap();
         }
 
         fn used(&self) -> Vec<(u32, u32)> {
@@ -933,17 +1005,35 @@ mod tests {
     }
 
     #[test]
-    fn segments_the_guest_has_no_buffers_for_are_counted() {
+    fn segments_wait_for_buffers_instead_of_being_dropped() {
         let (vnet, frame, linux) = fixture(include_str!("../../tests/fixtures/gso/tcp4.txt"));
         assert!(linux.len() > 3);
         // Room for the frame (3 x 4096 bytes) but not for its segments, one chain each.
         let mut guest = Guest::new(&[vec![4096], vec![4096], vec![4096]]);
         let mut source = scripted(12, vec![frame]);
         source.header = vnet;
-        let (pass, stats) = run(&mut guest, &source, MRG);
-        assert_eq!(pass.outcome, RxOutcome::NeedBuffers);
+        let mut rx = RxPath::default();
+        let mut stats = PairStats::default();
+        let mut pass = |guest: &mut Guest, stats: &mut PairStats| {
+            rx.process(&mut RxContext {
+                queue: &mut guest.queue,
+                mem: &guest.mem,
+                socket: &source,
+                features: Negotiated::new(MRG),
+                stats,
+            })
+        };
+        assert_eq!(pass(&mut guest, &mut stats).outcome, RxOutcome::NeedBuffers);
         assert_eq!(guest.used().len(), 3, "as many segments as buffers");
-        assert_eq!(stats.rx_drop_no_buffers, linux.len() as u64 - 3);
+        // The guest posts more buffers: the rest of the frame follows, nothing was lost.
+        guest.post(&vec![vec![1536]; linux.len()]);
+        pass(&mut guest, &mut stats);
+        let used = guest.used();
+        assert_eq!(used.len(), linux.len());
+        for ((id, len), want) in used.iter().zip(&linux) {
+            assert_eq!(&guest.read_chain(*id, *len)[12..], &want[..]);
+        }
+        assert_eq!((stats.rx_segmented, stats.rx_drop_no_buffers), (1, 0));
     }
 
     #[test]
