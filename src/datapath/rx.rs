@@ -1036,6 +1036,53 @@ mod tests {
         assert_eq!((stats.rx_segmented, stats.rx_drop_no_buffers), (1, 0));
     }
 
+    /// Cost of the segmentation fallback through the whole RX path, against delivering the same
+    /// frame whole. `cargo test --release --lib rx_segmentation_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn rx_segmentation_cost() {
+        let (vnet, small, _) = fixture(include_str!("../../tests/fixtures/gso/tcp4.txt"));
+        // The fixture's headers around the largest IPv4 payload: a 65549-byte frame.
+        let mut frame = small[..54].to_vec();
+        frame.extend((0..65535 - 40).map(|i| i as u8));
+        frame[16..18].copy_from_slice(&65535u16.to_be_bytes());
+        let tso4 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO4;
+        let with_csum = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_CSUM;
+        for (name, features) in [
+            ("whole, GUEST_TSO4", MRG | with_csum | tso4),
+            ("segmented, full checksums", MRG),
+            ("segmented, partial checksums", MRG | with_csum),
+        ] {
+            let mut total = std::time::Duration::ZERO;
+            let mut frames = 0u32;
+            for _ in 0..100 {
+                // 5 frames of 46 segments fill a 256-entry ring of 1536-byte buffers.
+                let mut guest = Guest::new(&vec![vec![1536]; 250]);
+                // Fault the buffers in first: a running guest's memory is already mapped.
+                let zeros = vec![0u8; 250 * 1536];
+                guest.mem.write_slice(&zeros, GuestAddress(BUFFERS)).unwrap();
+                let mut source = scripted(12, vec![frame.clone(); 5]);
+                source.header = vnet;
+                let mut rx = RxPath::default();
+                let mut stats = PairStats::default();
+                let t = std::time::Instant::now();
+                rx.process(&mut RxContext {
+                    queue: &mut guest.queue,
+                    mem: &guest.mem,
+                    socket: &source,
+                    features: Negotiated::new(features),
+                    stats: &mut stats,
+                });
+                total += t.elapsed();
+                frames += stats.rx_segmented.max(stats.rx_gso) as u32;
+            }
+            println!(
+                "{name}: {} ns per 65549-byte frame ({frames} frames)",
+                total.as_nanos() / u128::from(frames)
+            );
+        }
+    }
+
     #[test]
     fn legacy_guest_gets_ten_byte_headers() {
         let mut guest = Guest::new(&[vec![2000]]);
