@@ -174,8 +174,8 @@ impl VhostUserBackend for NetBackend {
         if let Some(mac) = changed {
             info!("frontend set the guest MAC to {mac}");
             for i in 0..self.shared.pairs.len() {
-                if let Some(p) = self.pair(i) {
-                    if let Err(e) = p.socket().add_membership(mac.0) {
+                if let Some(mut p) = self.pair(i) {
+                    if let Err(e) = p.set_guest_mac(mac.0) {
                         warn!("queue pair {i}: {e}");
                     }
                 }

@@ -106,6 +106,8 @@ pub struct Config {
     pub queue_size: u16,
     pub qdisc_bypass: bool,
     pub promisc: bool,
+    /// Let the guest send frames with any source MAC.
+    pub allow_mac_spoofing: bool,
     pub vnet_header: VnetHeaderMode,
 }
 
@@ -120,6 +122,7 @@ pub struct RawConfig {
     pub queue_size: u32,
     pub qdisc_bypass: bool,
     pub promisc: bool,
+    pub allow_mac_spoofing: bool,
     pub legacy_vnet_header: bool,
 }
 
@@ -186,6 +189,7 @@ impl Config {
             queue_size: q as u16,
             qdisc_bypass: raw.qdisc_bypass,
             promisc: raw.promisc,
+            allow_mac_spoofing: raw.allow_mac_spoofing,
             vnet_header: if raw.legacy_vnet_header {
                 VnetHeaderMode::Legacy10
             } else {

@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::NetBackend;
 use crate::config::{Config, Endpoint, VnetHeaderMode};
-use crate::datapath::{EventIds, QueuePair};
+use crate::datapath::{EventIds, MacPolicy, QueuePair};
 use crate::error::Error;
 use crate::packet::interface::Interface;
 use crate::packet::probe::{probe_uso, UsoSupport};
@@ -82,7 +82,12 @@ impl Daemon {
                     VnetMode::Legacy10 => info!("packet socket on {}: 10-byte PACKET_VNET_HDR, num_buffers handled in userspace", config.interface),
                 }
             }
-            let pair = QueuePair::new(i, socket, ids)
+            let policy = MacPolicy {
+                guest_mac: config.mac.0,
+                promisc: config.promisc,
+                allow_spoofing: config.allow_mac_spoofing,
+            };
+            let pair = QueuePair::new(i, socket, ids, policy)
                 .map_err(|e| Error::QueueSetup { pair: i, source: e })?;
             pairs.push(pair);
         }

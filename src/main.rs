@@ -57,10 +57,15 @@ struct Cli {
     #[arg(long)]
     qdisc_bypass: bool,
 
-    /// Put the interface in promiscuous mode instead of adding the guest MAC to its unicast
-    /// filter.
+    /// Put the interface in promiscuous mode and hand the guest every frame, instead of only
+    /// those for its MAC, broadcast and multicast.
     #[arg(long)]
     promisc: bool,
+
+    /// Let the guest send frames whose source MAC is not its own (dropped and counted
+    /// otherwise).
+    #[arg(long)]
+    allow_mac_spoofing: bool,
 
     /// Virtio net header on the packet socket: `auto` uses PACKET_VNET_HDR_SZ (Linux >= 6.4)
     /// and falls back to 10 bytes on older kernels; `10` forces that fallback.
@@ -128,6 +133,7 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
         queue_size: cli.queue_size,
         qdisc_bypass: cli.qdisc_bypass,
         promisc: cli.promisc,
+        allow_mac_spoofing: cli.allow_mac_spoofing,
         legacy_vnet_header: cli.vnet_hdr == "10",
     })?;
     let daemon = Daemon::new(config)?;

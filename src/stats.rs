@@ -38,6 +38,8 @@ pub struct PairStats {
     pub tx_drop_malformed: u64,
     /// Offload metadata the guest did not negotiate.
     pub tx_drop_unnegotiated: u64,
+    /// Frames whose source MAC is not the guest's.
+    pub tx_drop_spoofed: u64,
     /// Frames over the interface MTU (EMSGSIZE).
     pub tx_drop_oversize: u64,
     /// Other send errors: EINVAL (bad header), ENOBUFS (device dropped), ENETDOWN, ...
@@ -60,6 +62,7 @@ impl PairStats {
     pub fn tx_drops(&self) -> u64 {
         self.tx_drop_malformed
             + self.tx_drop_unnegotiated
+            + self.tx_drop_spoofed
             + self.tx_drop_oversize
             + self.tx_drop_kernel
     }
@@ -72,7 +75,7 @@ impl fmt::Display for PairStats {
             "rx packets={} bytes={} gso={} multi_buffer={} csum_completed={} segmented={} notifications={} kicks={} \
              drops[oversize={} no_buffers={} offload={} bad_chain={} kernel={}]; \
              tx packets={} bytes={} gso={} backpressure={} notifications={} kicks={} \
-             drops[malformed={} unnegotiated={} oversize={} kernel={}]",
+             drops[malformed={} unnegotiated={} spoofed={} oversize={} kernel={}]",
             self.rx_packets,
             self.rx_bytes,
             self.rx_gso,
@@ -94,6 +97,7 @@ impl fmt::Display for PairStats {
             self.tx_kicks,
             self.tx_drop_malformed,
             self.tx_drop_unnegotiated,
+            self.tx_drop_spoofed,
             self.tx_drop_oversize,
             self.tx_drop_kernel,
         )

@@ -1133,3 +1133,79 @@ fn vlan_tags_the_interface_strips_are_put_back() {
         );
     }
 }
+
+#[test]
+fn guests_send_only_from_their_own_mac_unless_allowed() {
+    for allow in [false, true] {
+        let extra: &[&str] = if allow {
+            &["--allow-mac-spoofing"]
+        } else {
+            &[]
+        };
+        let Some(rig) = rig(extra) else { return };
+        let mut fe = guest(&rig, GUEST_FEATURES, &[(16, 1536)]);
+        let cap = peer_socket(&rig);
+        let spoofed = ethernet(
+            rig.peer_mac,
+            [0x02, 0, 0, 0, 0, 0x99],
+            ETH_EXPERIMENTAL,
+            &pattern(100, 1),
+        );
+        let own = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 2));
+        let h = plain_header(&fe);
+        send_frame(&mut fe, &h, &spoofed);
+        send_frame(&mut fe, &h, &own);
+        let mut seen = Vec::new();
+        capture(&cap, |f| {
+            seen.push(f.to_vec());
+            f == &own[..]
+        })
+        .expect("the guest's own frame goes out");
+        let s = rig.daemon.stats();
+        assert_eq!(
+            seen.contains(&spoofed),
+            allow,
+            "spoofed frame sent only when allowed"
+        );
+        assert_eq!(s["tx.drops.spoofed"], u64::from(!allow), "{s:?}");
+    }
+}
+
+#[test]
+fn guests_receive_only_their_own_broadcast_and_multicast_frames_unless_promisc() {
+    for promisc in [false, true] {
+        let extra: &[&str] = if promisc { &["--promisc"] } else { &[] };
+        let Some(rig) = rig(extra) else { return };
+        let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+        let peer = peer_socket(&rig);
+        let send = |dst: [u8; 6], seed: u32| {
+            let f = ethernet(dst, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(80, seed));
+            peer.send_vectored(&[std::io::IoSlice::new(&[0u8; 12]), std::io::IoSlice::new(&f)])
+                .unwrap();
+            f
+        };
+        let other = send([0x02, 0, 0, 0, 0, 0x77], 1);
+        let bcast = send([0xff; 6], 2);
+        let mcast = send([0x01, 0x00, 0x5e, 0, 0, 0x42], 3);
+        let own = send(GUEST_MAC, 4);
+        let mut got = Vec::new();
+        while let Some(p) = recv_matching(&mut fe, |f| {
+            f.len() > 14 && f[12..14] == ETH_EXPERIMENTAL.to_be_bytes()
+        }) {
+            let done = p.frame == own;
+            got.push(p.frame);
+            if done {
+                break;
+            }
+        }
+        assert!(
+            got.contains(&bcast) && got.contains(&mcast) && got.contains(&own),
+            "promisc {promisc}"
+        );
+        assert_eq!(
+            got.contains(&other),
+            promisc,
+            "a frame for another MAC only with --promisc"
+        );
+    }
+}

@@ -58,6 +58,16 @@ impl EventIds {
     }
 }
 
+/// Which frames a guest may send and receive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacPolicy {
+    pub guest_mac: [u8; 6],
+    /// Deliver every frame, not only those for the guest, broadcast and multicast.
+    pub promisc: bool,
+    /// Let the guest send from any source MAC.
+    pub allow_spoofing: bool,
+}
+
 /// One RX/TX queue pair.
 pub struct QueuePair {
     index: usize,
@@ -76,13 +86,22 @@ pub struct QueuePair {
     rx: RxPath,
     tx: TxPath,
     stats: PairStats,
+    policy: MacPolicy,
 }
 
 impl QueuePair {
     /// Errors are those of `dup(2)` and `eventfd(2)`.
-    pub fn new(index: usize, socket: PacketSocket, ids: EventIds) -> io::Result<QueuePair> {
+    pub fn new(
+        index: usize,
+        socket: PacketSocket,
+        ids: EventIds,
+        policy: MacPolicy,
+    ) -> io::Result<QueuePair> {
         let writable_fd = socket.try_clone()?;
         let resched = EventFd::new(EFD_NONBLOCK)?;
+        socket
+            .set_destination_filter((!policy.promisc).then_some(policy.guest_mac))
+            .map_err(io::Error::from)?;
         Ok(QueuePair {
             index,
             socket,
@@ -97,6 +116,7 @@ impl QueuePair {
             rx: RxPath::default(),
             tx: TxPath::default(),
             stats: PairStats::default(),
+            policy,
         })
     }
 
@@ -149,6 +169,17 @@ impl QueuePair {
         self.features = Negotiated::default();
         self.rx.reset();
         self.tx.reset();
+    }
+
+    /// The frontend changed the guest's MAC: follow it in the interface's filter, our RX filter
+    /// and the TX source check.
+    pub fn set_guest_mac(&mut self, mac: [u8; 6]) -> Result<(), PacketError> {
+        self.socket.add_membership(mac)?;
+        if !self.policy.promisc {
+            self.socket.set_destination_filter(Some(mac))?;
+        }
+        self.policy.guest_mac = mac;
+        Ok(())
     }
 
     pub fn set_memory(&mut self, mem: GuestMemory) {
@@ -269,6 +300,7 @@ impl QueuePair {
                 socket: &self.socket,
                 features: self.features,
                 stats: &mut self.stats,
+                source_mac: (!self.policy.allow_spoofing).then_some(self.policy.guest_mac),
             });
             if pass.notify {
                 state.signal_used_queue()?;

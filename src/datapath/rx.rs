@@ -1060,7 +1060,10 @@ mod tests {
                 let mut guest = Guest::new(&vec![vec![1536]; 250]);
                 // Fault the buffers in first: a running guest's memory is already mapped.
                 let zeros = vec![0u8; 250 * 1536];
-                guest.mem.write_slice(&zeros, GuestAddress(BUFFERS)).unwrap();
+                guest
+                    .mem
+                    .write_slice(&zeros, GuestAddress(BUFFERS))
+                    .unwrap();
                 let mut source = scripted(12, vec![frame.clone(); 5]);
                 source.header = vnet;
                 let mut rx = RxPath::default();

@@ -92,6 +92,8 @@ pub struct TxContext<'a> {
     pub socket: &'a PacketSocket,
     pub features: Negotiated,
     pub stats: &'a mut PairStats,
+    /// The only source MAC the guest may send from; `None` allows any.
+    pub source_mac: Option<[u8; 6]>,
 }
 
 /// Result of a pass.
@@ -295,6 +297,18 @@ impl TxPath {
                 ctx.stats.tx_drop_malformed += 1;
                 self.log(format_args!(
                     "TX: dropped a frame whose header does not match it: {e}"
+                ));
+                return Fate::Drop;
+            }
+        }
+        if let Some(mac) = ctx.source_mac {
+            let mut source = [0u8; 6];
+            scatter.read_at(hdr_len + 6, &mut source);
+            if source != mac {
+                ctx.stats.tx_drop_spoofed += 1;
+                self.log(format_args!(
+                    "TX: dropped a frame from {} that is not the guest's MAC",
+                    crate::config::MacAddr(source)
                 ));
                 return Fate::Drop;
             }

@@ -498,6 +498,56 @@ impl PacketSocket {
     }
 
     /// Turns the promiscuous membership on or off (counted like the unicast ones).
+    /// Lets the kernel queue only frames for `mac`, broadcast and multicast (a classic BPF
+    /// filter, so unwanted frames cost nothing in userspace), or everything with `None`.
+    pub fn set_destination_filter(&self, mac: Option<[u8; 6]>) -> Result<(), PacketError> {
+        let err = |source| PacketError::SetOption {
+            iface: self.iface_name.clone(),
+            option: "SO_ATTACH_FILTER",
+            value: i32::from(mac.is_some()),
+            source,
+        };
+        let Some(mac) = mac else {
+            // SAFETY: SO_DETACH_FILTER takes no argument; a zero int is a valid optval.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_DETACH_FILTER,
+                    (&0 as *const c_int).cast::<c_void>(),
+                    mem::size_of::<c_int>() as libc::socklen_t,
+                )
+            };
+            // ENOENT: there was no filter, which is what was asked for.
+            return match rc {
+                0 => Ok(()),
+                _ => match io::Error::last_os_error() {
+                    e if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                    e => Err(err(e)),
+                },
+            };
+        };
+        let program = destination_filter(mac);
+        let fprog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: `fprog` points at `program`, alive across the call; the kernel copies it.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&fprog as *const libc::sock_fprog).cast::<c_void>(),
+                mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     pub fn set_promisc(&self, on: bool) -> Result<(), PacketError> {
         self.membership(on, Membership::Promisc)
     }
@@ -737,5 +787,97 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: c_int, name: c_int) -> io::Result<c
         Err(io::Error::last_os_error())
     } else {
         Ok(value)
+    }
+}
+
+/// Classic BPF over the Ethernet header: accept a group address (I/G bit, broadcast included)
+/// or exactly `mac`, drop the rest. Jump offsets count from the next instruction.
+fn destination_filter(mac: [u8; 6]) -> [libc::sock_filter; 8] {
+    const LD_B: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
+    const LD_H: u16 = 0x28; // BPF_LD | BPF_H | BPF_ABS
+    const LD_W: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let first4 = u32::from_be_bytes([mac[0], mac[1], mac[2], mac[3]]);
+    let last2 = u32::from(u16::from_be_bytes([mac[4], mac[5]]));
+    [
+        op(LD_B, 0, 0, 0),       // 0: A = first octet of the destination
+        op(JSET, 4, 0, 1),       // 1: group address -> 6 (accept)
+        op(LD_W, 0, 0, 0),       // 2: A = octets 0..4
+        op(JEQ, 0, 3, first4),   // 3: not ours -> 7 (drop)
+        op(LD_H, 0, 0, 4),       // 4: A = octets 4..6
+        op(JEQ, 0, 1, last2),    // 5: ours -> 6, else 7
+        op(RET, 0, 0, u32::MAX), // 6: accept the whole frame
+        op(RET, 0, 0, 0),        // 7: drop
+    ]
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    /// Runs the few classic BPF instructions the filter uses.
+    fn run(prog: &[libc::sock_filter], frame: &[u8]) -> u32 {
+        let (mut pc, mut a) = (0usize, 0u32);
+        loop {
+            let i = prog[pc];
+            let k = i.k as usize;
+            match i.code {
+                0x30 => a = u32::from(frame[k]),
+                0x28 => a = u32::from(u16::from_be_bytes([frame[k], frame[k + 1]])),
+                0x20 => a = u32::from_be_bytes(frame[k..k + 4].try_into().unwrap()),
+                0x45 | 0x15 => {
+                    let taken = if i.code == 0x45 {
+                        a & i.k != 0
+                    } else {
+                        a == i.k
+                    };
+                    pc += usize::from(if taken { i.jt } else { i.jf });
+                }
+                0x06 => return i.k,
+                other => panic!("unexpected opcode {other:#x}"),
+            }
+            pc += 1;
+        }
+    }
+
+    #[test]
+    fn destination_filter_keeps_the_guest_broadcast_and_multicast() {
+        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+        let prog = destination_filter(mac);
+        let frame = |dst: [u8; 6]| {
+            let mut f = dst.to_vec();
+            f.extend_from_slice(&[0; 8]);
+            f
+        };
+        assert_eq!(run(&prog, &frame(mac)), u32::MAX);
+        assert_eq!(run(&prog, &frame([0xff; 6])), u32::MAX, "broadcast");
+        assert_eq!(
+            run(&prog, &frame([0x01, 0, 0x5e, 0, 0, 1])),
+            u32::MAX,
+            "IPv4 multicast"
+        );
+        assert_eq!(
+            run(&prog, &frame([0x33, 0x33, 0, 0, 0, 1])),
+            u32::MAX,
+            "IPv6 multicast"
+        );
+        assert_eq!(
+            run(&prog, &frame([0x02, 0x11, 0x22, 0x33, 0x44, 0x56])),
+            0,
+            "last octet differs"
+        );
+        assert_eq!(
+            run(&prog, &frame([0x02, 0x11, 0x22, 0x34, 0x44, 0x55])),
+            0,
+            "first four differ"
+        );
+        assert_eq!(
+            run(&prog, &frame([0x52, 0x54, 0, 0, 0, 1])),
+            0,
+            "someone else"
+        );
     }
 }
