@@ -109,6 +109,12 @@ pub struct Config {
     /// Let the guest send frames with any source MAC.
     pub allow_mac_spoofing: bool,
     pub vnet_header: VnetHeaderMode,
+    /// Permission bits of the vhost-user socket.
+    pub socket_mode: u32,
+    /// Group to give the vhost-user socket.
+    pub socket_group: Option<String>,
+    /// User to switch to once the sockets are open.
+    pub user: Option<String>,
 }
 
 /// Unvalidated input, as the command line gives it.
@@ -124,6 +130,9 @@ pub struct RawConfig {
     pub promisc: bool,
     pub allow_mac_spoofing: bool,
     pub legacy_vnet_header: bool,
+    pub socket_mode: String,
+    pub socket_group: Option<String>,
+    pub user: Option<String>,
 }
 
 impl Config {
@@ -181,6 +190,12 @@ impl Config {
                 "--queue-size {q} must be a power of two from 2 to {MAX_QUEUE_SIZE}"
             )));
         }
+        let socket_mode = crate::privileges::parse_mode(&raw.socket_mode).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "--socket-mode {} is not an octal permission mode like 0660",
+                raw.socket_mode
+            ))
+        })?;
         Ok(Config {
             endpoint,
             interface: raw.interface,
@@ -190,6 +205,9 @@ impl Config {
             qdisc_bypass: raw.qdisc_bypass,
             promisc: raw.promisc,
             allow_mac_spoofing: raw.allow_mac_spoofing,
+            socket_mode,
+            socket_group: raw.socket_group,
+            user: raw.user,
             vnet_header: if raw.legacy_vnet_header {
                 VnetHeaderMode::Legacy10
             } else {
@@ -208,6 +226,7 @@ mod tests {
             socket: Some("/run/vhost-packet/net0.sock".into()),
             interface: "eth3".into(),
             queue_size: 1024,
+            socket_mode: "0600".into(),
             ..Default::default()
         }
     }

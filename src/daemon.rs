@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::packet::interface::Interface;
 use crate::packet::probe::{probe_uso, UsoSupport};
 use crate::packet::socket::{PacketSocket, SocketOptions, VnetMode};
+use crate::privileges;
 use crate::relay::{self, InternalSocket};
 use crate::virtio::config_space::NetConfigSpace;
 use crate::virtio::features::{self, OfferOptions};
@@ -43,6 +44,18 @@ impl Daemon {
     /// Opens everything that can fail because of the user's input, so that errors surface
     /// before the daemon starts serving.
     pub fn new(config: Config) -> Result<Daemon, Error> {
+        let user = config
+            .user
+            .as_deref()
+            .map(privileges::lookup_user)
+            .transpose()
+            .map_err(Error::Privileges)?;
+        let socket_gid = config
+            .socket_group
+            .as_deref()
+            .map(privileges::lookup_group)
+            .transpose()
+            .map_err(Error::Privileges)?;
         if let Endpoint::Server(path) = &config.endpoint {
             prepare_socket_path(path)?;
         }
@@ -109,14 +122,36 @@ impl Daemon {
 
         let listener = match &config.endpoint {
             Endpoint::Server(path) => {
-                Some(UnixListener::bind(path).map_err(|e| Error::SocketPath {
-                    path: path.clone(),
-                    source: e,
-                })?)
+                let listener =
+                    privileges::with_umask(config.socket_mode, || UnixListener::bind(path))
+                        .map_err(|e| Error::SocketPath {
+                            path: path.clone(),
+                            source: e,
+                        })?;
+                privileges::set_socket_permissions(
+                    path,
+                    config.socket_mode,
+                    user.as_ref().map(|u| u.uid),
+                    socket_gid,
+                )
+                .map_err(Error::Privileges)?;
+                Some(listener)
             }
             Endpoint::Client(_) => None,
         };
         let internal = InternalSocket::new().map_err(Error::Internal)?;
+        if let Some(user) = &user {
+            // The request handler connects through this socket after the switch.
+            for p in [internal.dir(), internal.path()] {
+                std::os::unix::fs::chown(p, Some(user.uid), Some(user.gid))
+                    .map_err(Error::Internal)?;
+            }
+            privileges::drop_to(user).map_err(Error::Privileges)?;
+            info!(
+                "running as {} (uid {}), no capabilities",
+                user.name, user.uid
+            );
+        }
         info!(
             "serving {} for guest MAC {} (MTU {mtu}, queue size {}, features {})",
             config.interface,

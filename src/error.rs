@@ -31,6 +31,8 @@ pub enum Error {
     Internal(io::Error),
     /// Preparing a queue pair's descriptors (dup, eventfd) failed.
     QueueSetup { pair: usize, source: io::Error },
+    /// Socket permissions or dropping privileges failed.
+    Privileges(crate::privileges::PrivilegeError),
     /// Blocking or waiting for signals failed.
     Signals(io::Error),
 }
@@ -59,6 +61,7 @@ impl fmt::Display for Error {
             Error::Daemon(e) => write!(f, "creating the vhost-user daemon: {e}"),
             Error::Internal(e) => write!(f, "setting up the internal vhost-user socket: {e}"),
             Error::QueueSetup { pair, source } => write!(f, "setting up queue pair {pair}: {source}"),
+            Error::Privileges(e) => e.fmt(f),
             Error::Signals(e) => write!(f, "setting up signal handling: {e}"),
         }
     }
@@ -72,6 +75,7 @@ impl std::error::Error for Error {
             Error::Internal(e) => Some(e),
             Error::QueueSetup { source, .. } => Some(source),
             Error::Signals(e) => Some(e),
+            Error::Privileges(e) => Some(e),
             _ => None,
         }
     }

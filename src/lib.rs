@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod error;
 pub mod packet;
+pub mod privileges;
 pub mod relay;
 pub mod signals;
 pub mod stats;

@@ -67,6 +67,20 @@ struct Cli {
     #[arg(long)]
     allow_mac_spoofing: bool,
 
+    /// Permission bits of the vhost-user socket (octal).
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    socket_mode: String,
+
+    /// Group of the vhost-user socket (name or number), e.g. the one QEMU runs as, with
+    /// `--socket-mode 0660`.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+
+    /// Once the sockets are open, switch to this user (name or number) and keep no
+    /// capabilities. The vhost-user socket is given to it.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+
     /// Virtio net header on the packet socket: `auto` uses PACKET_VNET_HDR_SZ (Linux >= 6.4)
     /// and falls back to 10 bytes on older kernels; `10` forces that fallback.
     #[arg(long, value_name = "auto|10", default_value = "auto", value_parser = ["auto", "10"])]
@@ -134,6 +148,9 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
         qdisc_bypass: cli.qdisc_bypass,
         promisc: cli.promisc,
         allow_mac_spoofing: cli.allow_mac_spoofing,
+        socket_mode: cli.socket_mode,
+        socket_group: cli.socket_group,
+        user: cli.user,
         legacy_vnet_header: cli.vnet_hdr == "10",
     })?;
     let daemon = Daemon::new(config)?;

@@ -612,3 +612,126 @@ fn client_mode_waits_for_a_frontend_and_reconnects_after_a_disconnect() {
         d.log()
     );
 }
+
+/// Uid line and capability sets of a running process.
+fn proc_identity(pid: u32) -> (String, String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    (field("Uid:"), field("CapPrm:"), field("CapEff:"))
+}
+
+#[test]
+fn socket_is_private_by_default_and_widened_on_request() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, _peer) = host_and_peer("vpm");
+    let d = Daemon::start(&host, "vh0", &["--mac", GUEST_MAC_STR]);
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "0600 by default");
+    drop(d);
+    let d = Daemon::start(
+        &host,
+        "vh0",
+        &[
+            "--mac",
+            GUEST_MAC_STR,
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "4242",
+        ],
+    );
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 4242));
+    let out = vhost_packet(&[
+        "--socket",
+        "/tmp/x.sock",
+        "--interface",
+        "lo",
+        "--socket-mode",
+        "0999",
+    ]);
+    assert_mentions(one_line_error(&out), &["--socket-mode 0999"]);
+    let out = vhost_packet(&[
+        "--socket",
+        "/tmp/x.sock",
+        "--interface",
+        "lo",
+        "--user",
+        "no-such-user-vp",
+    ]);
+    assert_mentions(one_line_error(&out), &["no-such-user-vp", "no such user"]);
+}
+
+#[test]
+fn user_switch_keeps_no_capabilities_and_traffic_flows() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpu");
+    let d = Daemon::start(&host, "vh0", &["--mac", GUEST_MAC_STR, "--user", "nobody"]);
+    let (uid, prm, eff) = proc_identity(d.pid());
+    assert_eq!(
+        uid, "65534 65534 65534 65534",
+        "real, effective, saved, fs uid"
+    );
+    assert_eq!(
+        (prm.as_str(), eff.as_str()),
+        ("0000000000000000", "0000000000000000")
+    );
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().uid(),
+        65534,
+        "the socket is the user's"
+    );
+    let mut fe = TestFrontend::connect(&d.socket, T);
+    bring_up(&mut fe);
+    let peer_sock = peer_socket(&peer);
+    exchange(&mut fe, &peer_sock, peer.mac("vp0"), 1);
+}
+
+#[test]
+fn runs_unprivileged_with_cap_net_raw_only() {
+    if !require_root_and_tools(&["ip", "setpriv"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpc");
+    // A directory the unprivileged user may create its socket in.
+    let dir = std::env::temp_dir().join(format!("vp-capraw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.join("net.sock");
+    let wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=+net_raw",
+        "--ambient-caps=+net_raw",
+    ];
+    let d = Daemon::start_wrapped(&host, &wrapper, "vh0", &socket, &["--mac", GUEST_MAC_STR]);
+    let (uid, _, eff) = proc_identity(d.pid());
+    assert!(uid.starts_with("65534"), "{uid}");
+    assert_eq!(eff, "0000000000002000", "CAP_NET_RAW only");
+    let mut fe = TestFrontend::connect(&d.socket, T);
+    bring_up(&mut fe);
+    let peer_sock = peer_socket(&peer);
+    exchange(&mut fe, &peer_sock, peer.mac("vp0"), 1);
+    drop(fe);
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,16 +51,42 @@ impl Daemon {
         d
     }
 
+    /// Like `start_at`, with the binary run through `wrapper` (e.g. setpriv), which must exec
+    /// it so that the PID stays the daemon's.
+    pub fn start_wrapped(
+        ns: &NetNs,
+        wrapper: &[&str],
+        iface: &str,
+        socket: &Path,
+        extra: &[&str],
+    ) -> Daemon {
+        let d = Daemon::spawn_wrapped(ns, wrapper, "--socket", iface, socket, extra);
+        d.wait_for_log("listening on", Duration::from_secs(10));
+        d
+    }
+
     fn spawn(ns: &NetNs, mode: &str, iface: &str, socket: &Path, extra: &[&str]) -> Daemon {
+        Daemon::spawn_wrapped(ns, &[], mode, iface, socket, extra)
+    }
+
+    fn spawn_wrapped(
+        ns: &NetNs,
+        wrapper: &[&str],
+        mode: &str,
+        iface: &str,
+        socket: &Path,
+        extra: &[&str],
+    ) -> Daemon {
         let log = socket.with_extension("log");
         let socket_s = socket.to_str().unwrap().to_string();
-        let mut args = vec![
+        let mut args = wrapper.to_vec();
+        args.extend_from_slice(&[
             env!("CARGO_BIN_EXE_vhost-packet"),
             mode,
             &socket_s,
             "--interface",
             iface,
-        ];
+        ]);
         args.extend_from_slice(extra);
         let child = ns
             .command(&args)
