@@ -15,6 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::NetBackend;
 use crate::config::{Config, Endpoint, VnetHeaderMode};
+use crate::control;
 use crate::datapath::{EventIds, MacPolicy, QueuePair};
 use crate::error::Error;
 use crate::packet::interface::Interface;
@@ -38,6 +39,8 @@ pub struct Daemon {
     listener: Option<UnixListener>,
     /// Where vhost-user-backend's request handler connects, behind the relay.
     internal: InternalSocket,
+    /// Where `vhost-packet stats` asks for the counters.
+    stats: Option<UnixListener>,
 }
 
 impl Daemon {
@@ -121,23 +124,18 @@ impl Daemon {
         let backend = NetBackend::new(pairs, offered, config.queue_size, space);
 
         let listener = match &config.endpoint {
-            Endpoint::Server(path) => {
-                let listener =
-                    privileges::with_umask(config.socket_mode, || UnixListener::bind(path))
-                        .map_err(|e| Error::SocketPath {
-                            path: path.clone(),
-                            source: e,
-                        })?;
-                privileges::set_socket_permissions(
-                    path,
-                    config.socket_mode,
-                    user.as_ref().map(|u| u.uid),
-                    socket_gid,
-                )
-                .map_err(Error::Privileges)?;
-                Some(listener)
-            }
+            Endpoint::Server(path) => Some(bind_socket(path, &config, user.as_ref(), socket_gid)?),
             Endpoint::Client(_) => None,
+        };
+        let stats_path = control::control_path(config.endpoint.path());
+        let stats = prepare_socket_path(&stats_path)
+            .and_then(|()| bind_socket(&stats_path, &config, user.as_ref(), socket_gid));
+        let stats = match stats {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("no live counters: {e}");
+                None
+            }
         };
         let internal = InternalSocket::new().map_err(Error::Internal)?;
         if let Some(user) = &user {
@@ -164,6 +162,7 @@ impl Daemon {
             backend,
             listener,
             internal,
+            stats,
         })
     }
 
@@ -177,6 +176,9 @@ impl Daemon {
         if let Endpoint::Server(p) = &self.config.endpoint {
             paths.push(p.clone());
         }
+        if self.stats.is_some() {
+            paths.push(control::control_path(self.config.endpoint.path()));
+        }
         paths.push(self.internal.path().to_path_buf());
         paths.push(self.internal.dir().to_path_buf());
         paths
@@ -184,6 +186,14 @@ impl Daemon {
 
     /// Serves one frontend after another. Returns only on an error that retrying cannot fix.
     pub fn run(mut self) -> Result<(), Error> {
+        if let Some(listener) = self.stats.take() {
+            control::serve(
+                listener,
+                self.backend.clone(),
+                self.config.interface.clone(),
+                self.config.mac.to_string(),
+            );
+        }
         match self.config.endpoint.clone() {
             Endpoint::Server(path) => {
                 info!("listening on {}", path.display());
@@ -271,6 +281,23 @@ impl Daemon {
         drop(daemon);
         Ok(())
     }
+}
+
+/// Binds a UNIX socket never more open than `--socket-mode`, then gives it its owner and group.
+fn bind_socket(
+    path: &Path,
+    config: &Config,
+    user: Option<&privileges::User>,
+    gid: Option<u32>,
+) -> Result<UnixListener, Error> {
+    let listener = privileges::with_umask(config.socket_mode, || UnixListener::bind(path))
+        .map_err(|e| Error::SocketPath {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+    privileges::set_socket_permissions(path, config.socket_mode, user.map(|u| u.uid), gid)
+        .map_err(Error::Privileges)?;
+    Ok(listener)
 }
 
 /// Refuses a socket path a live backend serves or whose directory is missing; removes a stale

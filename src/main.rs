@@ -17,8 +17,17 @@ use vhost_packet::signals::{self, Signal};
 /// moves its frames through IFNAME, keeping checksum and segmentation offloads end to end.
 /// Needs CAP_NET_RAW. Never daemonizes; SIGINT/SIGTERM end it, SIGUSR1 logs the counters.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Listen on this vhost-user UNIX socket (server mode); the frontend connects to it.
     /// Reconnections are accepted forever.
     #[arg(
@@ -35,8 +44,8 @@ struct Cli {
     client: Option<PathBuf>,
 
     /// Host interface to attach to (NIC, VF, macvlan, veth).
-    #[arg(long, short = 'i', value_name = "IFNAME")]
-    interface: String,
+    #[arg(long, short = 'i', value_name = "IFNAME", required = true)]
+    interface: Option<String>,
 
     /// Guest MAC address for the device's config space [default: a stable locally
     /// administered address derived from the socket path].
@@ -91,6 +100,20 @@ struct Cli {
     verbose: u8,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print the counters of a running vhost-packet (per queue pair: packets, bytes, GSO,
+    /// drops by reason, notifications, kicks).
+    Stats {
+        /// The vhost-user socket (or --client path) the daemon serves.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -126,6 +149,18 @@ fn main() -> ExitCode {
         .parse_env("VHOST_PACKET_LOG")
         .init();
 
+    if let Some(Command::Stats { socket, json }) = &cli.command {
+        return match vhost_packet::control::query(socket, *json) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vhost-packet: reading counters: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -141,7 +176,7 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
     let config = Config::validate(RawConfig {
         socket: cli.socket,
         client: cli.client,
-        interface: cli.interface,
+        interface: cli.interface.unwrap_or_default(),
         mac: cli.mac,
         mtu: cli.mtu,
         queue_size: cli.queue_size,

@@ -68,39 +68,91 @@ impl PairStats {
     }
 }
 
+/// Direction of a counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Rx,
+    Tx,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Rx => "rx",
+            Direction::Tx => "tx",
+        }
+    }
+}
+
+/// One counter, named as in logs, JSON and tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    pub direction: Direction,
+    pub name: &'static str,
+    /// A count of frames or chains lost, by reason.
+    pub drop: bool,
+    pub value: u64,
+}
+
+impl PairStats {
+    /// Every counter, in the order logs and tables show them.
+    pub fn counters(&self) -> [Counter; 24] {
+        use Direction::{Rx, Tx};
+        let c = |direction, name, drop, value| Counter {
+            direction,
+            name,
+            drop,
+            value,
+        };
+        [
+            c(Rx, "packets", false, self.rx_packets),
+            c(Rx, "bytes", false, self.rx_bytes),
+            c(Rx, "gso", false, self.rx_gso),
+            c(Rx, "multi_buffer", false, self.rx_multi_buffer),
+            c(Rx, "csum_completed", false, self.rx_csum_completed),
+            c(Rx, "segmented", false, self.rx_segmented),
+            c(Rx, "notifications", false, self.rx_notifications),
+            c(Rx, "kicks", false, self.rx_kicks),
+            c(Rx, "oversize", true, self.rx_drop_oversize),
+            c(Rx, "no_buffers", true, self.rx_drop_no_buffers),
+            c(Rx, "offload", true, self.rx_drop_offload),
+            c(Rx, "bad_chain", true, self.rx_drop_bad_chain),
+            c(Rx, "kernel", true, self.rx_drop_kernel),
+            c(Tx, "packets", false, self.tx_packets),
+            c(Tx, "bytes", false, self.tx_bytes),
+            c(Tx, "gso", false, self.tx_gso),
+            c(Tx, "backpressure", false, self.tx_backpressure),
+            c(Tx, "notifications", false, self.tx_notifications),
+            c(Tx, "kicks", false, self.tx_kicks),
+            c(Tx, "malformed", true, self.tx_drop_malformed),
+            c(Tx, "unnegotiated", true, self.tx_drop_unnegotiated),
+            c(Tx, "spoofed", true, self.tx_drop_spoofed),
+            c(Tx, "oversize", true, self.tx_drop_oversize),
+            c(Tx, "kernel", true, self.tx_drop_kernel),
+        ]
+    }
+}
+
 impl fmt::Display for PairStats {
+    /// `rx packets=.. bytes=.. drops[oversize=.. ..]; tx packets=.. drops[..]`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "rx packets={} bytes={} gso={} multi_buffer={} csum_completed={} segmented={} notifications={} kicks={} \
-             drops[oversize={} no_buffers={} offload={} bad_chain={} kernel={}]; \
-             tx packets={} bytes={} gso={} backpressure={} notifications={} kicks={} \
-             drops[malformed={} unnegotiated={} spoofed={} oversize={} kernel={}]",
-            self.rx_packets,
-            self.rx_bytes,
-            self.rx_gso,
-            self.rx_multi_buffer,
-            self.rx_csum_completed,
-            self.rx_segmented,
-            self.rx_notifications,
-            self.rx_kicks,
-            self.rx_drop_oversize,
-            self.rx_drop_no_buffers,
-            self.rx_drop_offload,
-            self.rx_drop_bad_chain,
-            self.rx_drop_kernel,
-            self.tx_packets,
-            self.tx_bytes,
-            self.tx_gso,
-            self.tx_backpressure,
-            self.tx_notifications,
-            self.tx_kicks,
-            self.tx_drop_malformed,
-            self.tx_drop_unnegotiated,
-            self.tx_drop_spoofed,
-            self.tx_drop_oversize,
-            self.tx_drop_kernel,
-        )
+        let counters = self.counters();
+        for (i, direction) in [Direction::Rx, Direction::Tx].into_iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            f.write_str(direction.name())?;
+            let mine = counters.iter().filter(|c| c.direction == direction);
+            for c in mine.clone().filter(|c| !c.drop) {
+                write!(f, " {}={}", c.name, c.value)?;
+            }
+            f.write_str(" drops[")?;
+            for (j, c) in mine.filter(|c| c.drop).enumerate() {
+                write!(f, "{}{}={}", if j > 0 { " " } else { "" }, c.name, c.value)?;
+            }
+            f.write_str("]")?;
+        }
+        Ok(())
     }
 }
 
@@ -161,6 +213,25 @@ mod tests {
         assert_eq!(r.check(), None);
         r.last = Some(std::time::Instant::now() - Duration::from_secs(7200));
         assert_eq!(r.check(), Some(2));
+    }
+
+    #[test]
+    fn display_keeps_the_log_format() {
+        let s = PairStats {
+            rx_packets: 1,
+            rx_drop_kernel: 2,
+            tx_kicks: 3,
+            tx_drop_spoofed: 4,
+            ..Default::default()
+        }
+        .to_string();
+        assert_eq!(
+            s,
+            "rx packets=1 bytes=0 gso=0 multi_buffer=0 csum_completed=0 segmented=0 notifications=0 kicks=0 \
+             drops[oversize=0 no_buffers=0 offload=0 bad_chain=0 kernel=2]; \
+             tx packets=0 bytes=0 gso=0 backpressure=0 notifications=0 kicks=3 \
+             drops[malformed=0 unnegotiated=0 spoofed=4 oversize=0 kernel=0]"
+        );
     }
 
     #[test]

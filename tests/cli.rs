@@ -735,3 +735,63 @@ fn runs_unprivileged_with_cap_net_raw_only() {
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn stats_command_reads_live_counters() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vps");
+    let d = Daemon::start(&host, "vh0", &["--mac", GUEST_MAC_STR]);
+    let stats_socket = vhost_packet::control::control_path(&d.socket);
+    assert_eq!(
+        std::fs::metadata(&stats_socket).unwrap().mode() & 0o777,
+        0o600
+    );
+    let sock = d.socket.to_str().unwrap().to_string();
+
+    let out = vhost_packet(&["stats", "--socket", &sock, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("\"connected\":false"), "{}", out.stdout);
+
+    let mut fe = TestFrontend::connect(&d.socket, T);
+    bring_up(&mut fe);
+    let peer_sock = peer_socket(&peer);
+    for round in 0..3 {
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), round);
+    }
+    let out = vhost_packet(&["stats", "--socket", &sock, "--json"]);
+    assert!(out.stdout.contains("\"connected\":true"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("\"tx\":{\"packets\":3,"),
+        "three frames out: {}",
+        out.stdout
+    );
+    let table = vhost_packet(&["stats", "--socket", &sock]);
+    assert!(table.status.success());
+    let line = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("tx packets"))
+        .expect("tx packets row");
+    assert_eq!(
+        line.split_whitespace().last(),
+        Some("3"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table.stdout.contains("frontend    connected, features"),
+        "{}",
+        table.stdout
+    );
+
+    drop(fe);
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    assert!(
+        !stats_socket.exists(),
+        "the stats socket is removed at exit"
+    );
+}

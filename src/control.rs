@@ -1,0 +1,251 @@
+//! Live counters over a small control socket next to the vhost-user socket:
+//! `vhost-packet stats --socket PATH` connects to `PATH.stats`, asks for `json` or `table`,
+//! and prints the answer.
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use log::warn;
+
+use crate::backend::NetBackend;
+use crate::stats::{Direction, PairStats};
+use crate::virtio::features;
+
+/// Where the control socket of the daemon serving `vhost_socket` listens.
+pub fn control_path(vhost_socket: &Path) -> PathBuf {
+    let mut p = vhost_socket.as_os_str().to_owned();
+    p.push(".stats");
+    PathBuf::from(p)
+}
+
+/// What the daemon reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub interface: String,
+    pub guest_mac: String,
+    /// Features the connected frontend acked; `None` when no frontend is connected.
+    pub acked_features: Option<u64>,
+    pub pairs: Vec<PairStats>,
+}
+
+impl Snapshot {
+    pub fn to_json(&self) -> String {
+        let mut j = String::new();
+        let _ = write!(
+            j,
+            "{{\"interface\":\"{}\",\"guest_mac\":\"{}\",\"connected\":{},",
+            json_escape(&self.interface),
+            self.guest_mac,
+            self.acked_features.is_some()
+        );
+        match self.acked_features {
+            Some(f) => {
+                let _ = write!(
+                    j,
+                    "\"acked_features\":\"{f:#x}\",\"acked_feature_names\":\"{}\",",
+                    features::describe(f)
+                );
+            }
+            None => j.push_str("\"acked_features\":null,\"acked_feature_names\":null,"),
+        }
+        j.push_str("\"queue_pairs\":[");
+        for (i, pair) in self.pairs.iter().enumerate() {
+            if i > 0 {
+                j.push(',');
+            }
+            let _ = write!(j, "{{\"index\":{i}");
+            let counters = pair.counters();
+            for direction in [Direction::Rx, Direction::Tx] {
+                let _ = write!(j, ",\"{}\":{{", direction.name());
+                let mine: Vec<_> = counters
+                    .iter()
+                    .filter(|c| c.direction == direction)
+                    .collect();
+                for (k, c) in mine.iter().filter(|c| !c.drop).enumerate() {
+                    let _ = write!(
+                        j,
+                        "{}\"{}\":{}",
+                        if k > 0 { "," } else { "" },
+                        c.name,
+                        c.value
+                    );
+                }
+                j.push_str(",\"drops\":{");
+                for (k, c) in mine.iter().filter(|c| c.drop).enumerate() {
+                    let _ = write!(
+                        j,
+                        "{}\"{}\":{}",
+                        if k > 0 { "," } else { "" },
+                        c.name,
+                        c.value
+                    );
+                }
+                j.push_str("}}");
+            }
+            j.push('}');
+        }
+        j.push_str("]}\n");
+        j
+    }
+
+    pub fn to_table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "interface   {}", self.interface);
+        let _ = writeln!(t, "guest MAC   {}", self.guest_mac);
+        match self.acked_features {
+            Some(f) => {
+                let _ = writeln!(
+                    t,
+                    "frontend    connected, features {}",
+                    features::describe(f)
+                );
+            }
+            None => {
+                let _ = writeln!(t, "frontend    not connected");
+            }
+        }
+        let _ = write!(t, "\n{:<28}", "counter");
+        for i in 0..self.pairs.len() {
+            let _ = write!(t, "{:>16}", format!("pair {i}"));
+        }
+        t.push('\n');
+        let rows: Vec<_> = self.pairs.iter().map(PairStats::counters).collect();
+        if let Some(first) = rows.first() {
+            for (r, c) in first.iter().enumerate() {
+                let label = if c.drop {
+                    format!("{} drops {}", c.direction.name(), c.name)
+                } else {
+                    format!("{} {}", c.direction.name(), c.name)
+                };
+                let _ = write!(t, "{label:<28}");
+                for row in &rows {
+                    let _ = write!(t, "{:>16}", row[r].value);
+                }
+                t.push('\n');
+            }
+        }
+        t
+    }
+}
+
+fn json_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            c if (c as u32) < 0x20 => format!("\\u{:04x}", c as u32).chars().collect(),
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// Answers counter requests on `listener` for as long as the process lives.
+pub fn serve(listener: UnixListener, backend: NetBackend, interface: String, guest_mac: String) {
+    let spawned = thread::Builder::new().name("stats".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let snapshot = Snapshot {
+                interface: interface.clone(),
+                guest_mac: guest_mac.clone(),
+                acked_features: Some(backend.acked_features()).filter(|&f| f != 0),
+                pairs: backend.stats(),
+            };
+            if let Err(e) = answer(conn, &snapshot) {
+                log::debug!("stats request: {e}");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        warn!("starting the stats thread: {e}");
+    }
+}
+
+fn answer(conn: UnixStream, snapshot: &Snapshot) -> io::Result<()> {
+    // A client that never sends its request must not hold the thread.
+    conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let mut request = String::new();
+    BufReader::new(&conn).take(64).read_line(&mut request)?;
+    let body = match request.trim() {
+        "table" => snapshot.to_table(),
+        _ => snapshot.to_json(),
+    };
+    (&conn).write_all(body.as_bytes())
+}
+
+/// The client side: asks the daemon serving `vhost_socket` for its counters.
+pub fn query(vhost_socket: &Path, json: bool) -> io::Result<String> {
+    let path = control_path(vhost_socket);
+    let mut conn = UnixStream::connect(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display())))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(if json { b"json\n" } else { b"table\n" })?;
+    let mut out = String::new();
+    conn.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            interface: "eth\"3".into(),
+            guest_mac: "02:00:00:00:00:01".into(),
+            acked_features: Some(1 << 15),
+            pairs: vec![PairStats {
+                rx_packets: 7,
+                tx_drop_spoofed: 2,
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn json_has_every_counter() {
+        let j = snapshot().to_json();
+        assert!(j.starts_with(
+            "{\"interface\":\"eth\\\"3\",\"guest_mac\":\"02:00:00:00:00:01\",\"connected\":true,"
+        ));
+        assert!(j.contains("\"acked_feature_names\":\"MRG_RXBUF\""));
+        assert!(j.contains("\"rx\":{\"packets\":7,"));
+        assert!(j.contains("\"drops\":{\"malformed\":0,\"unnegotiated\":0,\"spoofed\":2,"));
+        let names = PairStats::default().counters().len();
+        // Every counter but the two set above reads 0, and so does the pair's index.
+        assert_eq!(
+            j.matches("\":0").count(),
+            names - 2 + 1,
+            "one value per counter"
+        );
+        let none = Snapshot {
+            acked_features: None,
+            ..snapshot()
+        }
+        .to_json();
+        assert!(none.contains("\"connected\":false,\"acked_features\":null"));
+    }
+
+    #[test]
+    fn table_lists_counters_by_pair() {
+        let t = snapshot().to_table();
+        assert!(t.contains("frontend    connected, features MRG_RXBUF"));
+        assert!(t
+            .lines()
+            .any(|l| l.starts_with("rx packets") && l.trim_end().ends_with(" 7")));
+        assert!(t
+            .lines()
+            .any(|l| l.starts_with("tx drops spoofed") && l.trim_end().ends_with(" 2")));
+    }
+
+    #[test]
+    fn control_path_sits_next_to_the_socket() {
+        assert_eq!(
+            control_path(Path::new("/run/vp/net0.sock")),
+            Path::new("/run/vp/net0.sock.stats")
+        );
+    }
+}
