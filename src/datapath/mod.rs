@@ -87,6 +87,18 @@ pub struct QueuePair {
     tx: TxPath,
     stats: PairStats,
     policy: MacPolicy,
+    /// The guest broke a ring (avail index beyond reach): logged and counted once.
+    rx_broken: bool,
+    tx_broken: bool,
+}
+
+/// A ring whose avail index is more than a queue size ahead of what was consumed cannot be
+/// used (virtio-queue refuses every chain, yet keeps reporting work: a busy loop otherwise).
+fn ring_broken(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
+    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) => idx.0.wrapping_sub(queue.next_avail()) > queue.size(),
+        Err(_) => true,
+    }
 }
 
 impl QueuePair {
@@ -117,6 +129,8 @@ impl QueuePair {
             tx: TxPath::default(),
             stats: PairStats::default(),
             policy,
+            rx_broken: false,
+            tx_broken: false,
         })
     }
 
@@ -167,6 +181,8 @@ impl QueuePair {
         }
         self.mem = None;
         self.features = Negotiated::default();
+        self.rx_broken = false;
+        self.tx_broken = false;
         self.rx.reset();
         self.tx.reset();
     }
@@ -247,6 +263,16 @@ impl QueuePair {
         // Whatever woke us, the guest need not kick RX while we are consuming its buffers.
         let _ = state.get_queue_mut().disable_notification(&*mem);
         loop {
+            if ring_broken(state.get_queue(), &mem) {
+                if !std::mem::replace(&mut self.rx_broken, true) {
+                    self.stats.rx_drop_bad_chain += 1;
+                    warn!("queue pair {}: the guest broke its RX ring (avail index beyond the queue); not using it until it is put right", self.index);
+                }
+                drop(state);
+                self.disarm_rx();
+                return Ok(());
+            }
+            self.rx_broken = false;
             let pass = self.rx.process(&mut RxContext {
                 queue: state.get_queue_mut(),
                 mem: &mem,
@@ -293,6 +319,14 @@ impl QueuePair {
             return Ok(());
         }
         loop {
+            if ring_broken(state.get_queue(), &mem) {
+                if !std::mem::replace(&mut self.tx_broken, true) {
+                    self.stats.tx_drop_malformed += 1;
+                    warn!("queue pair {}: the guest broke its TX ring (avail index beyond the queue); not using it until it is put right", self.index);
+                }
+                return Ok(());
+            }
+            self.tx_broken = false;
             let _ = state.get_queue_mut().disable_notification(&*mem);
             let pass = self.tx.process(&mut TxContext {
                 queue: state.get_queue_mut(),

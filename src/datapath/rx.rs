@@ -49,6 +49,8 @@ pub enum RxOutcome {
 #[derive(Clone, Copy, Debug)]
 struct PendingGso {
     params: GsoParams,
+    /// Where the frame starts in `bounce`, and its length.
+    start: usize,
     len: usize,
     /// Segments already delivered.
     done: usize,
@@ -216,6 +218,12 @@ impl RxPath {
         let hdr_len = ctx.features.header_len();
         let mergeable = ctx.features.mrg_rxbuf();
         let kernel_hdr = ctx.socket.kernel_vnet_header_len();
+        // A guest without TCP segmentation gets most of a TSO peer's traffic as segments:
+        // receive into our own buffer first, so that only what the guest is handed, at its
+        // final size, is ever written into its memory.
+        let bounce_first = !ctx.features.guest_accepts_gso(GsoKind::TcpV4, false)
+            || !ctx.features.guest_accepts_gso(GsoKind::TcpV6, false)
+            || !ctx.features.guest_csum();
         for _ in 0..BUDGET {
             if !self.deliver_segments(ctx, used, hdr_len, mergeable) {
                 return RxOutcome::NeedBuffers;
@@ -225,13 +233,20 @@ impl RxPath {
             if capacity == 0 {
                 return RxOutcome::NeedBuffers;
             }
-            if mergeable && capacity < MAX_FRAME + hdr_len {
-                // Not room for every possible frame: look at the next one before taking it,
-                // more buffers may come. (Without MRG_RXBUF a frame must fit one chain; one
-                // that does not is a counted drop, whatever the guest posts later.)
+            if capacity < MAX_FRAME + hdr_len {
+                // Not room for every possible frame: look at the next one before taking it.
                 match ctx.socket.pending_len() {
                     Ok(0) => return RxOutcome::Drained,
-                    Ok(len) if len + hdr_len > capacity => return RxOutcome::NeedBuffers,
+                    // More buffers may come.
+                    Ok(len) if len + hdr_len > capacity && mergeable => {
+                        return RxOutcome::NeedBuffers
+                    }
+                    // Without MRG_RXBUF a frame must fit one chain, whatever the guest posts
+                    // later: take it off the socket without letting it touch guest memory.
+                    Ok(len) if len + hdr_len > capacity => {
+                        self.discard(ctx, len);
+                        continue;
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         self.log(format_args!("RX: SIOCINQ on packet socket: {e}"));
@@ -239,7 +254,12 @@ impl RxPath {
                     }
                 }
             }
-            match self.receive_one(ctx, used, hdr_len, kernel_hdr, mergeable, capacity) {
+            let received = if bounce_first {
+                self.receive_via_bounce(ctx, used, hdr_len, kernel_hdr, mergeable, capacity)
+            } else {
+                self.receive_one(ctx, used, hdr_len, kernel_hdr, mergeable, capacity)
+            };
+            match received {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return RxOutcome::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -303,6 +323,7 @@ impl RxPath {
                 desc_chain,
                 Access::DeviceWrites,
                 &mut self.arena,
+                usize::from(ctx.queue.size()),
             );
             let resolved = match resolved {
                 // Every mergeable buffer must hold at least the header (virtio 5.1.6.3.1).
@@ -370,6 +391,9 @@ impl RxPath {
         let frame_len = got.len.saturating_sub(kernel_hdr) + tag_len;
         let guest_len = frame_len + hdr_len;
         if got.truncated || guest_len > capacity || got.len < kernel_hdr + ETH_ADDRS_LEN {
+            // The buffers go to the next frame; none of this one may show past its used length.
+            // SAFETY: as above.
+            unsafe { Scatter::new(guest_iov) }.zero(0, guest_len.min(capacity));
             ctx.stats.rx_drop_oversize += 1;
             self.log(format_args!(
                 "RX: dropped a {frame_len}-byte frame: guest buffers hold {capacity} bytes"
@@ -408,8 +432,12 @@ impl RxPath {
                 // moves out first.
                 self.bounce.resize(MAX_FRAME, 0);
                 scatter.read_at(hdr_len, &mut self.bounce[..frame_len]);
+                // Segments are shorter than the buffers the frame filled: what they do not
+                // overwrite must not show the frame past their used lengths.
+                scatter.zero(0, guest_len);
                 self.pending = Some(PendingGso {
                     params,
+                    start: 0,
                     len: frame_len,
                     done: 0,
                 });
@@ -417,6 +445,7 @@ impl RxPath {
                 return Ok(());
             }
             RxVerdict::RefuseGso => {
+                scatter.zero(0, guest_len);
                 ctx.stats.rx_drop_offload += 1;
                 self.log(format_args!(
                     "RX: dropped a {frame_len}-byte GSO frame (gso_type {:#x}) the guest did not negotiate",
@@ -430,6 +459,7 @@ impl RxPath {
                     if offload::complete_checksum(&scatter, hdr_len, frame_len, start, offset)
                         .is_err()
                     {
+                        scatter.zero(0, guest_len);
                         ctx.stats.rx_drop_offload += 1;
                         self.log(format_args!(
                             "RX: dropped a frame with csum_start {start} csum_offset {offset} outside its {frame_len} bytes"
@@ -476,14 +506,8 @@ impl RxPath {
             return true;
         };
         let frame = std::mem::take(&mut self.bounce);
-        let (finished, sent) = self.emit_segments(
-            ctx,
-            used,
-            &frame[..pending.len],
-            &pending,
-            hdr_len,
-            mergeable,
-        );
+        let bytes = &frame[pending.start..pending.start + pending.len];
+        let (finished, sent) = self.emit_segments(ctx, used, bytes, &pending, hdr_len, mergeable);
         self.bounce = frame;
         if finished {
             self.pending = None;
@@ -581,6 +605,138 @@ impl RxPath {
             self.staged.front().map_or(0, |s| s.chain.iovs.1 as usize)
         };
         first..last
+    }
+
+    /// Takes a frame that can never fit the guest's buffers off the socket, through a small
+    /// scratch buffer: nothing of it reaches guest memory.
+    fn discard<S: FrameSource + ?Sized>(&mut self, ctx: &mut RxContext<'_, S>, len: usize) {
+        let mut scratch = [0u8; 64];
+        let mut iov = [iovec {
+            iov_base: scratch.as_mut_ptr().cast(),
+            iov_len: scratch.len(),
+        }];
+        // SAFETY: the iovec points at `scratch`, writable for its length during the call.
+        let _ = unsafe { ctx.socket.recv(&mut iov) };
+        ctx.stats.rx_drop_oversize += 1;
+        self.log(format_args!(
+            "RX: dropped a {len}-byte frame: the guest's buffers (no MRG_RXBUF) are smaller"
+        ));
+    }
+
+    /// Receives the next frame into `bounce`, then hands the guest exactly what it may have:
+    /// the frame (checksum completed if need be) or its segments. Nothing else touches guest
+    /// memory.
+    fn receive_via_bounce<S: FrameSource + ?Sized>(
+        &mut self,
+        ctx: &mut RxContext<'_, S>,
+        used: &mut UsedRing,
+        hdr_len: usize,
+        kernel_hdr: usize,
+        mergeable: bool,
+        capacity: usize,
+    ) -> io::Result<()> {
+        // Room for the kernel header, the largest frame, and a VLAN tag put back.
+        self.bounce.resize(LEN_MRG + MAX_FRAME + VLAN_TAG_LEN, 0);
+        let mut iov = [iovec {
+            iov_base: self.bounce.as_mut_ptr().cast(),
+            iov_len: kernel_hdr + MAX_FRAME,
+        }];
+        // SAFETY: the iovec points into `bounce`, writable for that length during the call.
+        let got = unsafe { ctx.socket.recv(&mut iov)? };
+        let mut frame_len = got.len.saturating_sub(kernel_hdr);
+        if got.truncated || got.len < kernel_hdr + ETH_ADDRS_LEN {
+            ctx.stats.rx_drop_oversize += 1;
+            self.log(format_args!("RX: dropped a {frame_len}-byte frame"));
+            return Ok(());
+        }
+        let mut hdr_bytes = [0u8; LEN_MRG];
+        hdr_bytes[..kernel_hdr.min(hdr_len)]
+            .copy_from_slice(&self.bounce[..kernel_hdr.min(hdr_len)]);
+        let mut hdr = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
+            .expect("header buffer sized by header_len");
+        if let Some(tag) = got.vlan {
+            let at = kernel_hdr + ETH_ADDRS_LEN;
+            self.bounce
+                .copy_within(at..kernel_hdr + frame_len, at + VLAN_TAG_LEN);
+            self.bounce[at..at + VLAN_TAG_LEN].copy_from_slice(&tag.to_bytes());
+            frame_len += VLAN_TAG_LEN;
+            if hdr.needs_csum() {
+                hdr.set_csum_start(hdr.csum_start().saturating_add(VLAN_TAG_LEN as u16));
+            }
+            if hdr.hdr_len() != 0 {
+                hdr.set_hdr_len(hdr.hdr_len().saturating_add(VLAN_TAG_LEN as u16));
+            }
+        }
+        let frame_at = kernel_hdr;
+        let head = &self.bounce[frame_at..frame_at + frame_len.min(64)];
+        match offload::rx_verdict(&hdr, ctx.features, head) {
+            RxVerdict::Segment(csum) => {
+                self.pending = Some(PendingGso {
+                    params: GsoParams::from_header(&hdr, csum),
+                    start: frame_at,
+                    len: frame_len,
+                    done: 0,
+                });
+                self.deliver_segments(ctx, used, hdr_len, mergeable);
+                return Ok(());
+            }
+            RxVerdict::RefuseGso => {
+                ctx.stats.rx_drop_offload += 1;
+                self.log(format_args!(
+                    "RX: dropped a {frame_len}-byte GSO frame (gso_type {:#x}) the guest did not negotiate",
+                    hdr.gso_type()
+                ));
+                return Ok(());
+            }
+            RxVerdict::Deliver { complete_csum } => {
+                if complete_csum {
+                    let (start, offset) = (hdr.csum_start(), hdr.csum_offset());
+                    let frame_iov = [iovec {
+                        iov_base: self.bounce[frame_at..].as_mut_ptr().cast(),
+                        iov_len: frame_len,
+                    }];
+                    // SAFETY: the iovec covers the frame inside `bounce`, which this view
+                    // borrows for the call only.
+                    let frame = unsafe { Scatter::new(&frame_iov) };
+                    if offload::complete_checksum(&frame, 0, frame_len, start, offset).is_err() {
+                        ctx.stats.rx_drop_offload += 1;
+                        self.log(format_args!(
+                            "RX: dropped a frame with csum_start {start} csum_offset {offset} outside its {frame_len} bytes"
+                        ));
+                        return Ok(());
+                    }
+                    ctx.stats.rx_csum_completed += 1;
+                }
+            }
+        }
+        let guest_len = hdr_len + frame_len;
+        if guest_len > capacity {
+            // Only a VLAN tag put back can make a frame outgrow what the length check allowed.
+            ctx.stats.rx_drop_oversize += 1;
+            self.log(format_args!(
+                "RX: dropped a {frame_len}-byte frame: guest buffers hold {capacity} bytes"
+            ));
+            return Ok(());
+        }
+        let flags = offload::guest_flags(hdr.flags(), ctx.features);
+        hdr.set_flags(flags);
+        if flags == 0 {
+            hdr.set_csum_start(0);
+            hdr.set_csum_offset(0);
+        }
+        let filled = self.chains_for(guest_len);
+        hdr.set_num_buffers(filled as u16);
+        let gso = hdr.gso_kind() != GsoKind::None;
+        // SAFETY: the staged iovecs were resolved against the memory the caller holds.
+        let scatter = unsafe { Scatter::new(&self.arena[self.staged_iovs(mergeable)]) };
+        scatter.write_at(0, &hdr_bytes[..hdr_len]);
+        scatter.write_at(hdr_len, &self.bounce[frame_at..frame_at + frame_len]);
+        self.complete(ctx, used, guest_len, filled);
+        ctx.stats.rx_packets += 1;
+        ctx.stats.rx_bytes += frame_len as u64;
+        ctx.stats.rx_gso += u64::from(gso);
+        ctx.stats.rx_multi_buffer += u64::from(filled > 1);
+        Ok(())
     }
 
     /// How many staged good chains a packet of `guest_len` bytes fills, front to back.
@@ -821,6 +977,9 @@ mod tests {
             frame_len in 14usize..=65549,
             chains in prop::collection::vec(prop::collection::vec(1u32..6000, 1..4), 1..60),
             kernel_hdr_10 in any::<bool>(),
+            // A guest with TSO takes frames straight into its buffers; one without, through
+            // the bounce buffer: both paths must split alike.
+            tso in any::<bool>(),
         ) {
             // Every mergeable buffer holds at least a header.
             let chains: Vec<Vec<u32>> = chains
@@ -831,7 +990,14 @@ mod tests {
             let mut guest = Guest::new(&chains);
             let frame = frame_of(frame_len);
             let source = scripted(if kernel_hdr_10 { 10 } else { 12 }, vec![frame.clone()]);
-            let (pass, stats) = run(&mut guest, &source, MRG);
+            let features = if tso {
+                MRG | (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_CSUM)
+                    | (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO4)
+                    | (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO6)
+            } else {
+                MRG
+            };
+            let (pass, stats) = run(&mut guest, &source, features);
             let used = guest.used();
             if capacity < frame_len + 12 {
                 prop_assert_eq!(pass.outcome, RxOutcome::NeedBuffers);

@@ -176,6 +176,7 @@ impl TxPath {
                 desc_chain,
                 Access::DeviceReads,
                 &mut self.arena,
+                usize::from(ctx.queue.size()),
             ) {
                 Ok(c) => self.check(ctx, c.iov_range(), c.len as usize, hdr_len, kernel_hdr),
                 Err(e) => {

@@ -32,6 +32,13 @@ pub enum ChainError {
     TooManySegments,
     /// The chain ended before any usable byte.
     Empty,
+    /// The chain has more descriptors than the queue has entries (virtio 2.7.5.2), possible
+    /// through an indirect table.
+    TooLong,
+    /// The chain never ends properly: it loops, runs longer than the queue, names a descriptor
+    /// outside the queue, or an indirect table is bad. virtio-queue stops such a chain
+    /// silently; its last descriptor still says NEXT.
+    Unterminated,
 }
 
 impl fmt::Display for ChainError {
@@ -48,6 +55,13 @@ impl fmt::Display for ChainError {
             }
             ChainError::TooManySegments => write!(f, "chain has too many segments"),
             ChainError::Empty => write!(f, "chain is empty"),
+            ChainError::TooLong => write!(f, "chain is longer than the queue"),
+            ChainError::Unterminated => {
+                write!(
+                    f,
+                    "chain does not end (loop, too long, or bad next or indirect)"
+                )
+            }
         }
     }
 }
@@ -72,16 +86,24 @@ impl Chain {
 /// Resolves the descriptors of one chain into host iovecs appended to `arena`.
 ///
 /// Zero-length descriptors are skipped. A descriptor that spans two guest memory regions becomes
-/// two iovecs. On error the arena is left as it was.
+/// two iovecs. A chain may have at most `max_descriptors` (the queue size). On error the arena
+/// is left as it was.
 pub fn resolve<M: GuestMemoryBackend>(
     mem: &M,
     head: u16,
     descriptors: impl Iterator<Item = Descriptor>,
     access: Access,
     arena: &mut Vec<iovec>,
+    max_descriptors: usize,
 ) -> Result<Chain, ChainError> {
     let start = arena.len();
-    let result = resolve_into(mem, descriptors, access, arena);
+    let result = resolve_into(
+        mem,
+        descriptors.take(max_descriptors + 1),
+        access,
+        arena,
+        max_descriptors,
+    );
     match result {
         Ok(len) if len > 0 => Ok(Chain {
             head,
@@ -104,10 +126,16 @@ fn resolve_into<M: GuestMemoryBackend>(
     descriptors: impl Iterator<Item = Descriptor>,
     access: Access,
     arena: &mut Vec<iovec>,
+    max_descriptors: usize,
 ) -> Result<u32, ChainError> {
     let start = arena.len();
     let mut total: u32 = 0;
+    let mut wants_more = false;
     for (index, desc) in descriptors.enumerate() {
+        if index >= max_descriptors {
+            return Err(ChainError::TooLong);
+        }
+        wants_more = desc.has_next();
         let wants_write = access == Access::DeviceWrites;
         if desc.is_write_only() != wants_write {
             return Err(ChainError::WrongDirection {
@@ -140,6 +168,9 @@ fn resolve_into<M: GuestMemoryBackend>(
         if covered != desc.len() as usize {
             return Err(bad);
         }
+    }
+    if wants_more {
+        return Err(ChainError::Unterminated);
     }
     Ok(total)
 }
@@ -248,6 +279,15 @@ impl<'a> Scatter<'a> {
         done
     }
 
+    /// Zeroes `[offset, offset + len)`, clipped to the view.
+    pub fn zero(&self, offset: usize, len: usize) {
+        self.for_each_segment(offset, len, |ptr, n| {
+            // SAFETY: `ptr..ptr+n` lies inside one iovec, valid for writes per `Scatter::new`'s
+            // contract.
+            unsafe { std::ptr::write_bytes(ptr, 0, n) };
+        });
+    }
+
     /// Moves `[offset, offset + len)` to `offset + by`, as memmove would, clipped to the view.
     pub fn shift_right(&self, offset: usize, len: usize, by: usize) {
         let mut bounce = [0u8; 2048];
@@ -307,6 +347,9 @@ mod tests {
         let mut seen = Vec::new();
         s.for_each_chunk(1, 6, |chunk| seen.extend_from_slice(chunk));
         assert_eq!(seen, [0, 1, 2, 3, 4, 0]);
+        s.zero(3, 4);
+        assert_eq!(s.read_at(0, &mut out), 9);
+        assert_eq!(out, [0, 0, 1, 0, 0, 0, 0, 0, 9]);
         assert_eq!(s.read_at(20, &mut out), 0);
     }
 
@@ -362,24 +405,85 @@ mod tests {
             Descriptor::new(0xff0, 0x20, w | VRING_DESC_F_NEXT as u16, 1),
             Descriptor::new(0x100, 0, w, 0),
         ];
-        let c = resolve(&mem, 3, descs.into_iter(), Access::DeviceWrites, &mut arena).unwrap();
+        let c = resolve(
+            &mem,
+            3,
+            descs.into_iter(),
+            Access::DeviceWrites,
+            &mut arena,
+            256,
+        )
+        .unwrap();
         assert_eq!((c.head, c.len, c.iov_range()), (3, 0x20, 0..2));
         // Wrong direction.
         let descs = [Descriptor::new(0, 16, 0, 0)];
-        let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceWrites, &mut arena);
+        let e = resolve(
+            &mem,
+            0,
+            descs.into_iter(),
+            Access::DeviceWrites,
+            &mut arena,
+            256,
+        );
         assert_eq!(e, Err(ChainError::WrongDirection { index: 0 }));
         let descs = [Descriptor::new(0, 16, w, 0)];
-        let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceReads, &mut arena);
+        let e = resolve(
+            &mem,
+            0,
+            descs.into_iter(),
+            Access::DeviceReads,
+            &mut arena,
+            256,
+        );
         assert_eq!(e, Err(ChainError::WrongDirection { index: 0 }));
         // Outside memory, and running off its end.
         for (addr, len) in [(0x5000u64, 16u32), (0x1ff0, 0x20), (u64::MAX - 4, 16)] {
             let descs = [Descriptor::new(addr, len, w, 0)];
-            let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceWrites, &mut arena);
+            let e = resolve(
+                &mem,
+                0,
+                descs.into_iter(),
+                Access::DeviceWrites,
+                &mut arena,
+                256,
+            );
             assert_eq!(e, Err(ChainError::BadAddress { addr, len }));
         }
+        // More descriptors than the queue has entries.
+        let descs = [
+            Descriptor::new(0, 16, w | VRING_DESC_F_NEXT as u16, 1),
+            Descriptor::new(16, 16, w, 0),
+        ];
+        let e = resolve(
+            &mem,
+            0,
+            descs.into_iter(),
+            Access::DeviceWrites,
+            &mut arena,
+            1,
+        );
+        assert_eq!(e, Err(ChainError::TooLong));
+        // The iterator stopped on a descriptor that says NEXT: cut short, refused.
+        let descs = [Descriptor::new(0, 16, w | VRING_DESC_F_NEXT as u16, 1)];
+        let e = resolve(
+            &mem,
+            0,
+            descs.into_iter(),
+            Access::DeviceWrites,
+            &mut arena,
+            256,
+        );
+        assert_eq!(e, Err(ChainError::Unterminated));
         // Only zero-length descriptors.
         let descs = [Descriptor::new(0, 0, w, 0)];
-        let e = resolve(&mem, 0, descs.into_iter(), Access::DeviceWrites, &mut arena);
+        let e = resolve(
+            &mem,
+            0,
+            descs.into_iter(),
+            Access::DeviceWrites,
+            &mut arena,
+            256,
+        );
         assert_eq!(e, Err(ChainError::Empty));
         assert_eq!(
             arena.len(),
