@@ -317,13 +317,16 @@ impl RxPath {
                 return;
             };
             let head = desc_chain.head_index();
-            let resolved = chain::resolve(
+            let resolved = chain::resolve_from_queue(
                 ctx.mem,
+                chain::QueueGeometry {
+                    desc_table: GuestAddress(ctx.queue.desc_table()),
+                    size: ctx.queue.size(),
+                },
                 head,
                 desc_chain,
                 Access::DeviceWrites,
                 &mut self.arena,
-                usize::from(ctx.queue.size()),
             );
             let resolved = match resolved {
                 // Every mergeable buffer must hold at least the header (virtio 5.1.6.3.1).

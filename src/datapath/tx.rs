@@ -170,14 +170,18 @@ impl TxPath {
                 ));
                 continue;
             }
-            let fate = match chain::resolve(
+            let resolved = chain::resolve_from_queue(
                 ctx.mem,
+                chain::QueueGeometry {
+                    desc_table: GuestAddress(ctx.queue.desc_table()),
+                    size: ctx.queue.size(),
+                },
                 head,
                 desc_chain,
                 Access::DeviceReads,
                 &mut self.arena,
-                usize::from(ctx.queue.size()),
-            ) {
+            );
+            let fate = match resolved {
                 Ok(c) => self.check(ctx, c.iov_range(), c.len as usize, hdr_len, kernel_hdr),
                 Err(e) => {
                     ctx.stats.tx_drop_malformed += 1;

@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use libc::iovec;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Who writes the buffers of a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +32,9 @@ pub enum ChainError {
     TooManySegments,
     /// The chain ended before any usable byte.
     Empty,
+    /// The head descriptor refers to an indirect table and also says NEXT (virtio 2.7.5.3.1
+    /// forbids it; virtio-queue would silently ignore the NEXT).
+    IndirectWithNext,
     /// The chain has more descriptors than the queue has entries (virtio 2.7.5.2), possible
     /// through an indirect table.
     TooLong,
@@ -56,6 +59,9 @@ impl fmt::Display for ChainError {
             ChainError::TooManySegments => write!(f, "chain has too many segments"),
             ChainError::Empty => write!(f, "chain is empty"),
             ChainError::TooLong => write!(f, "chain is longer than the queue"),
+            ChainError::IndirectWithNext => {
+                write!(f, "indirect descriptor also chains to a next one")
+            }
             ChainError::Unterminated => {
                 write!(
                     f,
@@ -173,6 +179,52 @@ fn resolve_into<M: GuestMemoryBackend>(
         return Err(ChainError::Unterminated);
     }
     Ok(total)
+}
+
+/// Where a queue's chains come from: what [`resolve_from_queue`] needs besides the chain.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueGeometry {
+    pub desc_table: GuestAddress,
+    pub size: u16,
+}
+
+/// [`resolve`] for a chain popped from a queue, refusing first what the descriptor iterator
+/// hides (an indirect head that also says NEXT).
+pub fn resolve_from_queue<M: GuestMemoryBackend>(
+    mem: &M,
+    queue: QueueGeometry,
+    head: u16,
+    descriptors: impl Iterator<Item = Descriptor>,
+    access: Access,
+    arena: &mut Vec<iovec>,
+) -> Result<Chain, ChainError> {
+    if head_is_indirect_with_next(mem, queue.desc_table, head) {
+        return Err(ChainError::IndirectWithNext);
+    }
+    resolve(
+        mem,
+        head,
+        descriptors,
+        access,
+        arena,
+        usize::from(queue.size),
+    )
+}
+
+/// Whether the ring descriptor `head` both refers to an indirect table and says NEXT, which
+/// the descriptor iterator cannot show: it switches to the table and drops the flag.
+pub fn head_is_indirect_with_next<M: GuestMemoryBackend>(
+    mem: &M,
+    desc_table: GuestAddress,
+    head: u16,
+) -> bool {
+    const FLAGS_OFFSET: u64 = 12;
+    const NEXT_AND_INDIRECT: u16 = 1 | 4;
+    desc_table
+        .0
+        .checked_add(16 * u64::from(head) + FLAGS_OFFSET)
+        .and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
+        .is_some_and(|flags| u16::from_le(flags) & NEXT_AND_INDIRECT == NEXT_AND_INDIRECT)
 }
 
 /// Appends to `out` the iovecs covering bytes `[0, limit)` of `src`, minus the bytes in `hole`.

@@ -156,6 +156,30 @@ impl Daemon {
         })
     }
 
+    /// CPU time (user + system, all threads) the process has consumed so far, from
+    /// `/proc/<pid>/stat` (fields 14 and 15, in clock ticks).
+    pub fn cpu_time(&self) -> Duration {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        // The command name may contain spaces; the fields after its closing parenthesis start
+        // with field 3 (state), so field n is at index n - 3.
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let ticks = |n: usize| -> u64 {
+            fields
+                .get(n - 3)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_else(|| panic!("no field {n} in {path}: {stat}"))
+        };
+        // SAFETY: sysconf(3) has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis((ticks(14) + ticks(15)) * 1000 / hz)
+    }
+
     /// Sends a signal to this process.
     pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
