@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::offload::{self, RxVerdict};
 use super::segment::{self, GsoParams, SegmentCsum};
-use crate::packet::socket::{PacketSocket, RecvLen};
+use crate::packet::socket::{PacketSocket, RecvLen, VlanTag};
 use crate::stats::{PairStats, RateLimit};
 use crate::virtio::chain::{self, Access, Chain, Scatter};
 use crate::virtio::features::Negotiated;
@@ -54,6 +54,94 @@ struct PendingGso {
     len: usize,
     /// Segments already delivered.
     done: usize,
+}
+
+/// Counts a frame delivered whole.
+fn count_delivered(stats: &mut PairStats, frame_len: usize, gso: bool, filled: usize) {
+    stats.rx_packets += 1;
+    stats.rx_bytes += frame_len as u64;
+    stats.rx_gso += u64::from(gso);
+    stats.rx_multi_buffer += u64::from(filled > 1);
+}
+
+/// What becomes of a received frame once adapted to the guest.
+enum Adapted {
+    /// Deliver it whole; the header is final but for `num_buffers`.
+    Deliver,
+    /// Deliver its segments instead.
+    Segment(SegmentCsum),
+    /// Dropped (counted and logged).
+    Dropped,
+}
+
+/// Adapts a received frame to the guest, wherever it lies (`view` at `frame_at`): puts back a
+/// VLAN tag the interface stripped (`frame_len` then counts it), decides from the guest's
+/// features, completes a partial checksum it cannot take, and clears what it may not see.
+#[allow(clippy::too_many_arguments)]
+fn adapt_frame<T: AsRef<[u8]> + AsMut<[u8]>>(
+    view: &Scatter<'_>,
+    frame_at: usize,
+    frame_len: usize,
+    vlan: Option<VlanTag>,
+    hdr: &mut NetHeader<T>,
+    features: Negotiated,
+    stats: &mut PairStats,
+    log: &mut RateLimit,
+) -> Adapted {
+    if let Some(tag) = vlan {
+        // After the MAC addresses, where the interface took it from.
+        let tag_at = frame_at + ETH_ADDRS_LEN;
+        view.shift_right(
+            tag_at,
+            frame_len - VLAN_TAG_LEN - ETH_ADDRS_LEN,
+            VLAN_TAG_LEN,
+        );
+        view.write_at(tag_at, &tag.to_bytes());
+        // csum_start and hdr_len count from the start of the frame: they move with it.
+        if hdr.needs_csum() {
+            hdr.set_csum_start(hdr.csum_start().saturating_add(VLAN_TAG_LEN as u16));
+        }
+        if hdr.hdr_len() != 0 {
+            hdr.set_hdr_len(hdr.hdr_len().saturating_add(VLAN_TAG_LEN as u16));
+        }
+    }
+    let mut head = [0u8; 64];
+    let head_len = view.read_at(frame_at, &mut head[..frame_len.min(64)]);
+    match offload::rx_verdict(hdr, features, &head[..head_len]) {
+        RxVerdict::Segment(csum) => return Adapted::Segment(csum),
+        RxVerdict::RefuseGso => {
+            stats.rx_drop_offload += 1;
+            log.warn(format_args!(
+                "RX: dropped a {frame_len}-byte GSO frame (gso_type {:#x}) the guest did not negotiate",
+                hdr.gso_type()
+            ));
+            return Adapted::Dropped;
+        }
+        RxVerdict::Deliver {
+            complete_csum: true,
+        } => {
+            let (start, offset) = (hdr.csum_start(), hdr.csum_offset());
+            if offload::complete_checksum(view, frame_at, frame_len, start, offset).is_err() {
+                stats.rx_drop_offload += 1;
+                log.warn(format_args!(
+                    "RX: dropped a frame with csum_start {start} csum_offset {offset} outside its {frame_len} bytes"
+                ));
+                return Adapted::Dropped;
+            }
+            stats.rx_csum_completed += 1;
+        }
+        RxVerdict::Deliver {
+            complete_csum: false,
+        } => {}
+    }
+    let flags = offload::guest_flags(hdr.flags(), features);
+    hdr.set_flags(flags);
+    if flags == 0 {
+        // Without NEEDS_CSUM the checksum fields mean nothing; keep them clean.
+        hdr.set_csum_start(0);
+        hdr.set_csum_offset(0);
+    }
+    Adapted::Deliver
 }
 
 /// One staged guest chain; `bad` chains are returned with length 0 once they reach the front.
@@ -408,35 +496,30 @@ impl RxPath {
         let scatter = unsafe { Scatter::new(guest_iov) };
         let mut hdr_bytes = [0u8; LEN_MRG];
         scatter.read_at(0, &mut hdr_bytes[..hdr_len]);
-        if let Some(tag) = got.vlan {
-            // Put the tag the interface stripped back where it was, after the MAC addresses.
-            let tag_at = hdr_len + ETH_ADDRS_LEN;
-            scatter.shift_right(tag_at, frame_len - tag_len - ETH_ADDRS_LEN, tag_len);
-            scatter.write_at(tag_at, &tag.to_bytes());
-            // csum_start and hdr_len count from the start of the frame: they move with it.
-            let mut h = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
-                .expect("header buffer sized by header_len");
-            if h.needs_csum() {
-                h.set_csum_start(h.csum_start().saturating_add(tag_len as u16));
-            }
-            if h.hdr_len() != 0 {
-                h.set_hdr_len(h.hdr_len().saturating_add(tag_len as u16));
-            }
-        }
-        let mut frame_head = [0u8; 64];
-        let head_len = scatter.read_at(hdr_len, &mut frame_head[..frame_len.min(64)]);
         let mut hdr = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
             .expect("header buffer sized by header_len");
-
-        match offload::rx_verdict(&hdr, ctx.features, &frame_head[..head_len]) {
-            RxVerdict::Segment(csum) => {
+        let adapted = adapt_frame(
+            &scatter,
+            hdr_len,
+            frame_len,
+            got.vlan,
+            &mut hdr,
+            ctx.features,
+            ctx.stats,
+            &mut self.log_limit,
+        );
+        match adapted {
+            Adapted::Dropped => {
+                // The buffers go to the next frame: nothing of this one may show.
+                scatter.zero(0, guest_len);
+            }
+            Adapted::Segment(csum) => {
                 let params = GsoParams::from_header(&hdr, csum);
-                // The frame's segments go into the very buffers it was received into, so it
-                // moves out first.
+                // The segments go into the very buffers the frame was received into, so it
+                // moves out first; what they do not overwrite must not show it past their
+                // used lengths.
                 self.bounce.resize(MAX_FRAME, 0);
                 scatter.read_at(hdr_len, &mut self.bounce[..frame_len]);
-                // Segments are shorter than the buffers the frame filled: what they do not
-                // overwrite must not show the frame past their used lengths.
                 scatter.zero(0, guest_len);
                 self.pending = Some(PendingGso {
                     params,
@@ -445,52 +528,16 @@ impl RxPath {
                     done: 0,
                 });
                 self.deliver_segments(ctx, used, hdr_len, mergeable);
-                return Ok(());
             }
-            RxVerdict::RefuseGso => {
-                scatter.zero(0, guest_len);
-                ctx.stats.rx_drop_offload += 1;
-                self.log(format_args!(
-                    "RX: dropped a {frame_len}-byte GSO frame (gso_type {:#x}) the guest did not negotiate",
-                    hdr.gso_type()
-                ));
-                return Ok(());
-            }
-            RxVerdict::Deliver { complete_csum } => {
-                if complete_csum {
-                    let (start, offset) = (hdr.csum_start(), hdr.csum_offset());
-                    if offload::complete_checksum(&scatter, hdr_len, frame_len, start, offset)
-                        .is_err()
-                    {
-                        scatter.zero(0, guest_len);
-                        ctx.stats.rx_drop_offload += 1;
-                        self.log(format_args!(
-                            "RX: dropped a frame with csum_start {start} csum_offset {offset} outside its {frame_len} bytes"
-                        ));
-                        return Ok(());
-                    }
-                    ctx.stats.rx_csum_completed += 1;
-                }
+            Adapted::Deliver => {
+                let filled = self.chains_for(guest_len);
+                hdr.set_num_buffers(filled as u16);
+                let gso = hdr.gso_kind() != GsoKind::None;
+                scatter.write_at(0, &hdr_bytes[..hdr_len]);
+                self.complete(ctx, used, guest_len, filled);
+                count_delivered(ctx.stats, frame_len, gso, filled);
             }
         }
-        let flags = offload::guest_flags(hdr.flags(), ctx.features);
-        hdr.set_flags(flags);
-        if flags == 0 {
-            // Without NEEDS_CSUM the checksum fields mean nothing; keep them clean.
-            hdr.set_csum_start(0);
-            hdr.set_csum_offset(0);
-        }
-
-        let filled = self.chains_for(guest_len);
-        hdr.set_num_buffers(filled as u16);
-        let gso = hdr.gso_kind() != GsoKind::None;
-        scatter.write_at(0, &hdr_bytes[..hdr_len]);
-        self.complete(ctx, used, guest_len, filled);
-
-        ctx.stats.rx_packets += 1;
-        ctx.stats.rx_bytes += frame_len as u64;
-        ctx.stats.rx_gso += u64::from(gso);
-        ctx.stats.rx_multi_buffer += u64::from(filled > 1);
         Ok(())
     }
 
@@ -653,27 +700,34 @@ impl RxPath {
             return Ok(());
         }
         let mut hdr_bytes = [0u8; LEN_MRG];
-        hdr_bytes[..kernel_hdr.min(hdr_len)]
-            .copy_from_slice(&self.bounce[..kernel_hdr.min(hdr_len)]);
+        let copied = kernel_hdr.min(hdr_len);
+        hdr_bytes[..copied].copy_from_slice(&self.bounce[..copied]);
         let mut hdr = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
             .expect("header buffer sized by header_len");
-        if let Some(tag) = got.vlan {
-            let at = kernel_hdr + ETH_ADDRS_LEN;
-            self.bounce
-                .copy_within(at..kernel_hdr + frame_len, at + VLAN_TAG_LEN);
-            self.bounce[at..at + VLAN_TAG_LEN].copy_from_slice(&tag.to_bytes());
+        if got.vlan.is_some() {
             frame_len += VLAN_TAG_LEN;
-            if hdr.needs_csum() {
-                hdr.set_csum_start(hdr.csum_start().saturating_add(VLAN_TAG_LEN as u16));
-            }
-            if hdr.hdr_len() != 0 {
-                hdr.set_hdr_len(hdr.hdr_len().saturating_add(VLAN_TAG_LEN as u16));
-            }
         }
         let frame_at = kernel_hdr;
-        let head = &self.bounce[frame_at..frame_at + frame_len.min(64)];
-        match offload::rx_verdict(&hdr, ctx.features, head) {
-            RxVerdict::Segment(csum) => {
+        let bounce_iov = [iovec {
+            iov_base: self.bounce.as_mut_ptr().cast(),
+            iov_len: self.bounce.len(),
+        }];
+        // SAFETY: the iovec covers `bounce`, which nothing else touches while the view lives.
+        let view = unsafe { Scatter::new(&bounce_iov) };
+        let adapted = adapt_frame(
+            &view,
+            frame_at,
+            frame_len,
+            got.vlan,
+            &mut hdr,
+            ctx.features,
+            ctx.stats,
+            &mut self.log_limit,
+        );
+        let guest_len = hdr_len + frame_len;
+        match adapted {
+            Adapted::Dropped => {}
+            Adapted::Segment(csum) => {
                 self.pending = Some(PendingGso {
                     params: GsoParams::from_header(&hdr, csum),
                     start: frame_at,
@@ -681,64 +735,26 @@ impl RxPath {
                     done: 0,
                 });
                 self.deliver_segments(ctx, used, hdr_len, mergeable);
-                return Ok(());
             }
-            RxVerdict::RefuseGso => {
-                ctx.stats.rx_drop_offload += 1;
+            // Only a VLAN tag put back can make a frame outgrow what was checked before.
+            Adapted::Deliver if guest_len > capacity => {
+                ctx.stats.rx_drop_oversize += 1;
                 self.log(format_args!(
-                    "RX: dropped a {frame_len}-byte GSO frame (gso_type {:#x}) the guest did not negotiate",
-                    hdr.gso_type()
+                    "RX: dropped a {frame_len}-byte frame: guest buffers hold {capacity} bytes"
                 ));
-                return Ok(());
             }
-            RxVerdict::Deliver { complete_csum } => {
-                if complete_csum {
-                    let (start, offset) = (hdr.csum_start(), hdr.csum_offset());
-                    let frame_iov = [iovec {
-                        iov_base: self.bounce[frame_at..].as_mut_ptr().cast(),
-                        iov_len: frame_len,
-                    }];
-                    // SAFETY: the iovec covers the frame inside `bounce`, which this view
-                    // borrows for the call only.
-                    let frame = unsafe { Scatter::new(&frame_iov) };
-                    if offload::complete_checksum(&frame, 0, frame_len, start, offset).is_err() {
-                        ctx.stats.rx_drop_offload += 1;
-                        self.log(format_args!(
-                            "RX: dropped a frame with csum_start {start} csum_offset {offset} outside its {frame_len} bytes"
-                        ));
-                        return Ok(());
-                    }
-                    ctx.stats.rx_csum_completed += 1;
-                }
+            Adapted::Deliver => {
+                let filled = self.chains_for(guest_len);
+                hdr.set_num_buffers(filled as u16);
+                let gso = hdr.gso_kind() != GsoKind::None;
+                // SAFETY: the staged iovecs were resolved against the memory the caller holds.
+                let scatter = unsafe { Scatter::new(&self.arena[self.staged_iovs(mergeable)]) };
+                scatter.write_at(0, &hdr_bytes[..hdr_len]);
+                scatter.write_at(hdr_len, &self.bounce[frame_at..frame_at + frame_len]);
+                self.complete(ctx, used, guest_len, filled);
+                count_delivered(ctx.stats, frame_len, gso, filled);
             }
         }
-        let guest_len = hdr_len + frame_len;
-        if guest_len > capacity {
-            // Only a VLAN tag put back can make a frame outgrow what the length check allowed.
-            ctx.stats.rx_drop_oversize += 1;
-            self.log(format_args!(
-                "RX: dropped a {frame_len}-byte frame: guest buffers hold {capacity} bytes"
-            ));
-            return Ok(());
-        }
-        let flags = offload::guest_flags(hdr.flags(), ctx.features);
-        hdr.set_flags(flags);
-        if flags == 0 {
-            hdr.set_csum_start(0);
-            hdr.set_csum_offset(0);
-        }
-        let filled = self.chains_for(guest_len);
-        hdr.set_num_buffers(filled as u16);
-        let gso = hdr.gso_kind() != GsoKind::None;
-        // SAFETY: the staged iovecs were resolved against the memory the caller holds.
-        let scatter = unsafe { Scatter::new(&self.arena[self.staged_iovs(mergeable)]) };
-        scatter.write_at(0, &hdr_bytes[..hdr_len]);
-        scatter.write_at(hdr_len, &self.bounce[frame_at..frame_at + frame_len]);
-        self.complete(ctx, used, guest_len, filled);
-        ctx.stats.rx_packets += 1;
-        ctx.stats.rx_bytes += frame_len as u64;
-        ctx.stats.rx_gso += u64::from(gso);
-        ctx.stats.rx_multi_buffer += u64::from(filled > 1);
         Ok(())
     }
 
