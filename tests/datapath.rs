@@ -643,24 +643,27 @@ fn rx_starts_when_the_ring_is_enabled_even_without_a_kick() {
 #[test]
 fn tx_backpressure_loses_nothing() {
     let Some(rig) = rig(&[]) else { return };
-    // A slow qdisc: queued frames hold the socket's send buffer until the qdisc sends them, so
-    // the backend sees EAGAIN and must wait instead of dropping.
-    let out = rig._host.exec(&[
-        "tc", "qdisc", "add", "dev", "vh0", "root", "tbf", "rate", "200mbit", "burst", "64k",
-        "limit", "100mb",
-    ]);
-    assert!(
-        out.status.success(),
-        "tc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A qdisc that holds everything: queued frames keep the socket's send buffer full, so the
+    // backend must see EAGAIN and wait instead of dropping. Once it has, the qdisc lets go.
+    let tbf = |rate: &str, op: &str| {
+        let out = rig._host.exec(&[
+            "tc", "qdisc", op, "dev", "vh0", "root", "tbf", "rate", rate, "burst", "64k", "limit",
+            "100mb",
+        ]);
+        assert!(
+            out.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    tbf("1kbit", "add");
     let mut fe = guest(&rig, GUEST_FEATURES, &[(16, 1536)]);
     let cap = peer_socket(&rig);
-    const N: u32 = 12_000; // 17 MB: more than the 8 MiB send buffer
+    const N: u32 = 8_000; // 11 MB: more than the 8 MiB send buffer
     let seen = std::thread::scope(|s| {
         let reader = s.spawn(|| {
             let mut seqs = Vec::with_capacity(N as usize);
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
             let mut buf = vec![0u8; 4096];
             while seqs.len() < N as usize && std::time::Instant::now() < deadline {
                 match cap.recv_vectored(&mut [std::io::IoSliceMut::new(&mut buf)]) {
@@ -679,6 +682,18 @@ fn tx_backpressure_loses_nothing() {
             }
             seqs
         });
+        let release = s.spawn(|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while rig.daemon.stats()["tx.backpressure"] == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the send buffer never filled up"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Fast enough to finish soon, slow enough for the capture below to keep up.
+            tbf("200mbit", "change");
+        });
         let h = plain_header(&fe);
         let mut payload = pattern(1400, 5);
         let mut sent = 0u32;
@@ -692,15 +707,16 @@ fn tx_backpressure_loses_nothing() {
                 sent += 1;
             }
             fe.kick_tx();
-            fe.wait_tx_used(1, T);
+            fe.wait_tx_used(1, Duration::from_secs(60));
         }
         while fe.tx_outstanding() > 0 {
             assert!(
-                !fe.wait_tx_used(1, T).is_empty(),
+                !fe.wait_tx_used(1, Duration::from_secs(60)).is_empty(),
                 "TX stalled with {} chains outstanding",
                 fe.tx_outstanding()
             );
         }
+        release.join().unwrap();
         reader.join().unwrap()
     });
     let s = rig.daemon.stats();
@@ -709,7 +725,12 @@ fn tx_backpressure_loses_nothing() {
         N,
         seen.len()
     );
-    assert!(s["tx.backpressure"] > 0, "the send buffer filled up: {s:?}");
+    let (_, capture_drops) = cap.drops().unwrap();
+    assert_eq!(
+        capture_drops, 0,
+        "the test's own capture socket overflowed: it proves nothing"
+    );
+    assert!(s["tx.backpressure"] > 0, "{s:?}");
     assert_eq!(s["tx.packets"], u64::from(N), "{s:?}");
     assert_eq!(s["tx.drops.kernel"], 0, "{s:?}");
     assert_eq!(
