@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use log::{info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -185,6 +186,15 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        {
+            let guard = mem.memory();
+            let regions = guard.num_regions();
+            let bytes: u64 = guard.iter().map(|r| r.len()).sum();
+            info!(
+                "frontend memory table: {regions} regions, {} MiB",
+                bytes >> 20
+            );
+        }
         for i in 0..self.shared.pairs.len() {
             if let Some(mut p) = self.pair(i) {
                 p.set_memory(mem.clone());
