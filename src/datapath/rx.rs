@@ -418,7 +418,11 @@ impl RxPath {
             );
             let resolved = match resolved {
                 // Every mergeable buffer must hold at least the header (virtio 5.1.6.3.1).
-                Ok(c) if (c.len as usize) < hdr_len => Err(chain::ChainError::Empty),
+                Ok(c) if (c.len as usize) < hdr_len => {
+                    // Its iovecs must not stay in the arena: staged chains are contiguous there.
+                    self.arena.truncate(c.iovs.0 as usize);
+                    Err(chain::ChainError::Empty)
+                }
                 other => other,
             };
             match resolved {
@@ -432,8 +436,10 @@ impl RxPath {
                 Err(e) => {
                     ctx.stats.rx_drop_bad_chain += 1;
                     self.log(format_args!("RX: guest chain {head}: {e}"));
-                    if head >= size {
-                        // Not a slot the used ring can name: nothing to give back.
+                    if head >= size && self.staged.is_empty() {
+                        // Not a slot the used ring can name: nothing to give back. (Behind
+                        // staged chains it is staged as bad all the same, so that giving them
+                        // back rewinds past it exactly; it never gets a used element.)
                         continue;
                     }
                     let bad = Staged {
@@ -518,7 +524,7 @@ impl RxPath {
                 // The segments go into the very buffers the frame was received into, so it
                 // moves out first; what they do not overwrite must not show it past their
                 // used lengths.
-                self.bounce.resize(MAX_FRAME, 0);
+                self.bounce.resize(MAX_FRAME.max(frame_len), 0);
                 scatter.read_at(hdr_len, &mut self.bounce[..frame_len]);
                 scatter.zero(0, guest_len);
                 self.pending = Some(PendingGso {
@@ -650,7 +656,12 @@ impl RxPath {
     fn staged_iovs(&self, mergeable: bool) -> std::ops::Range<usize> {
         let first = self.staged.front().map_or(0, |s| s.chain.iovs.0 as usize);
         let last = if mergeable {
-            self.staged.back().map_or(0, |s| s.chain.iovs.1 as usize)
+            // Broken chains have no iovecs: the range ends with the last good one.
+            self.staged
+                .iter()
+                .rev()
+                .find(|s| !s.bad)
+                .map_or(first, |s| s.chain.iovs.1 as usize)
         } else {
             self.staged.front().map_or(0, |s| s.chain.iovs.1 as usize)
         };
@@ -808,7 +819,9 @@ impl RxPath {
             self.staged.pop_front();
         }
         for &head in &self.skipped_bad {
-            let _ = used.push(ctx.mem, head, 0);
+            if head < ctx.queue.size() {
+                let _ = used.push(ctx.mem, head, 0);
+            }
         }
     }
 
@@ -938,6 +951,25 @@ mod tests {
                 self.chains[usize::from(head)] = descs;
             }
             mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).unwrap();
+        }
+
+        /// Adds an avail entry naming `head` as is (possibly no descriptor at all).
+        fn post_raw_head(&mut self, head: u16) {
+            let slot = u64::from(self.avail % QSIZE);
+            self.mem
+                .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
+                .unwrap();
+            self.avail += 1;
+            self.mem
+                .write_obj(self.avail, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        /// Makes descriptor `index` read-only: a broken RX buffer.
+        fn make_read_only(&self, index: u16) {
+            self.mem
+                .write_obj(0u16, GuestAddress(DESC + 16 * u64::from(index) + 12))
+                .unwrap();
         }
 
         fn used(&self) -> Vec<(u32, u32)> {
@@ -1268,6 +1300,66 @@ mod tests {
                 "{name}: {} ns per 65549-byte frame ({frames} frames)",
                 total.as_nanos() / u128::from(frames)
             );
+        }
+    }
+
+    const TSO: u64 = MRG
+        | (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_CSUM)
+        | (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO4)
+        | (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO6);
+
+    #[test]
+    fn a_chain_too_short_for_the_header_among_good_ones_takes_no_data() {
+        for features in [MRG, TSO] {
+            let mut guest = Guest::new(&[vec![1536], vec![8], vec![1536]]);
+            let frame = frame_of(2000);
+            let source = scripted(12, vec![frame.clone()]);
+            let (_, stats) = run(&mut guest, &source, features);
+            let used = guest.used();
+            assert_eq!(
+                used,
+                vec![(0, 1536), (2, 2012 - 1536), (1, 0)],
+                "{features:#x}"
+            );
+            let mut got = guest.read_chain(0, 1536);
+            got.extend(guest.read_chain(2, 476));
+            assert_eq!(got[12..], frame[..]);
+            assert_eq!(stats.rx_drop_bad_chain, 1);
+        }
+    }
+
+    #[test]
+    fn a_broken_chain_last_in_line_does_not_upset_the_next_frame() {
+        for features in [MRG, TSO] {
+            let mut guest = Guest::new(&[vec![1536], vec![1536], vec![1536]]);
+            guest.make_read_only(2);
+            let source = scripted(12, vec![frame_of(100), frame_of(200)]);
+            let (_, stats) = run(&mut guest, &source, features);
+            let used = guest.used();
+            assert_eq!(&used[..2], &[(0, 112), (1, 212)], "{features:#x}");
+            assert_eq!(guest.read_chain(1, 212)[12..], frame_of(200)[..]);
+            assert_eq!((stats.rx_packets, stats.rx_drop_bad_chain), (2, 1));
+        }
+    }
+
+    #[test]
+    fn an_avail_entry_outside_the_ring_among_staged_chains_is_stepped_over_exactly() {
+        for features in [MRG, TSO] {
+            let mut guest = Guest::new(&[vec![1536]]);
+            guest.post_raw_head(QSIZE + 44);
+            guest.post(&[vec![1536]]);
+            // Nothing to receive: every staged chain is given back, the good first one too.
+            let (_, _) = run(&mut guest, &scripted(12, vec![]), features);
+            assert_eq!(
+                guest.queue.next_avail(),
+                0,
+                "{features:#x}: rewound to the first chain"
+            );
+            // A frame over both good chains: the bad entry gets no used element.
+            let (_, stats) = run(&mut guest, &scripted(12, vec![frame_of(2000)]), features);
+            assert_eq!(guest.used(), vec![(0, 1536), (1, 476)], "{features:#x}");
+            assert_eq!(guest.queue.next_avail(), 3);
+            assert_eq!(stats.rx_drop_bad_chain, 1);
         }
     }
 
