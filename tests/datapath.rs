@@ -1001,7 +1001,13 @@ fn every_gso_kind_from_the_guest_leaves_only_when_negotiated() {
                 gso_seen |= f == &frame[..];
                 f == &marker[..]
             })
-            .expect("the marker arrives");
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} (with: {with}): the marker never arrived; counters {:?}",
+                    case.name,
+                    rig.daemon.stats()
+                )
+            });
             let after = rig.daemon.stats();
             let refused = after["tx.drops.unnegotiated"] - before["tx.drops.unnegotiated"];
             if with {
