@@ -89,7 +89,9 @@ pub struct NetHeader<T: AsRef<[u8]>> {
 }
 
 impl<T: AsRef<[u8]>> NetHeader<T> {
-    /// Views the first `len` (10 or 12) bytes of `buffer`.
+    /// Views `buffer` as a header after checking it holds at least `len` (10 or 12) bytes.
+    /// The form follows the buffer's length (12 bytes or more: with `num_buffers`), so callers
+    /// pass a buffer cut to the header they mean.
     ///
     /// Panics unless `len` is 10 or 12: that value comes from negotiated features, never from
     /// the guest.
