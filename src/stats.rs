@@ -50,24 +50,6 @@ pub struct PairStats {
     pub tx_kicks: u64,
 }
 
-impl PairStats {
-    pub fn rx_drops(&self) -> u64 {
-        self.rx_drop_oversize
-            + self.rx_drop_no_buffers
-            + self.rx_drop_offload
-            + self.rx_drop_bad_chain
-            + self.rx_drop_kernel
-    }
-
-    pub fn tx_drops(&self) -> u64 {
-        self.tx_drop_malformed
-            + self.tx_drop_unnegotiated
-            + self.tx_drop_spoofed
-            + self.tx_drop_oversize
-            + self.tx_drop_kernel
-    }
-}
-
 /// Direction of a counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
