@@ -56,6 +56,13 @@ struct PendingGso {
     done: usize,
 }
 
+/// Makes `buf` hold at least `len` bytes; it only ever grows, so it is zeroed once.
+fn grow(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
+
 /// Counts a frame delivered whole.
 fn count_delivered(stats: &mut PairStats, frame_len: usize, gso: bool, filled: usize) {
     stats.rx_packets += 1;
@@ -524,7 +531,7 @@ impl RxPath {
                 // The segments go into the very buffers the frame was received into, so it
                 // moves out first; what they do not overwrite must not show it past their
                 // used lengths.
-                self.bounce.resize(MAX_FRAME.max(frame_len), 0);
+                grow(&mut self.bounce, frame_len);
                 scatter.read_at(hdr_len, &mut self.bounce[..frame_len]);
                 scatter.zero(0, guest_len);
                 self.pending = Some(PendingGso {
@@ -697,7 +704,7 @@ impl RxPath {
         capacity: usize,
     ) -> io::Result<()> {
         // Room for the kernel header, the largest frame, and a VLAN tag put back.
-        self.bounce.resize(LEN_MRG + MAX_FRAME + VLAN_TAG_LEN, 0);
+        grow(&mut self.bounce, LEN_MRG + MAX_FRAME + VLAN_TAG_LEN);
         let mut iov = [iovec {
             iov_base: self.bounce.as_mut_ptr().cast(),
             iov_len: kernel_hdr + MAX_FRAME,
