@@ -107,7 +107,14 @@ impl Negotiated {
     }
 
     /// Can the guest receive a GSO frame of this kind (and with this ECN bit)?
+    ///
+    /// GSO frames are partially checksummed, so GUEST_TSO/USO count only with GUEST_CSUM (the
+    /// spec makes them depend on it). QEMU 7.2 with `guest_csum=off` still offers GUEST_TSO4/6
+    /// and Linux acks them; such a guest gets segmented, checksummed frames.
     pub fn guest_accepts_gso(&self, kind: GsoKind, ecn: bool) -> bool {
+        if kind != GsoKind::None && !self.guest_csum() {
+            return false;
+        }
         let kind_ok = match kind {
             GsoKind::None => return true,
             GsoKind::TcpV4 => self.has(VIRTIO_NET_F_GUEST_TSO4),
@@ -122,17 +129,23 @@ impl Negotiated {
         kind_ok && (!ecn || self.has(VIRTIO_NET_F_GUEST_ECN))
     }
 
-    /// USO to the guest, by IP version of the frame.
+    /// USO to the guest, by IP version of the frame (and only with GUEST_CSUM, as above).
     pub fn guest_accepts_uso(&self, ipv6: bool) -> bool {
-        if ipv6 {
+        if !self.guest_csum() {
+            false
+        } else if ipv6 {
             self.has(VIRTIO_NET_F_GUEST_USO6)
         } else {
             self.has(VIRTIO_NET_F_GUEST_USO4)
         }
     }
 
-    /// May the guest send a GSO frame of this kind? Anything not negotiated is a driver bug.
+    /// May the guest send a GSO frame of this kind? Anything not negotiated is a driver bug,
+    /// and so is GSO without CSUM (a GSO frame's checksum is always partial).
     pub fn host_accepts_gso(&self, kind: GsoKind, ecn: bool) -> bool {
+        if kind != GsoKind::None && !self.host_csum() {
+            return false;
+        }
         let kind_ok = match kind {
             GsoKind::None => return true,
             GsoKind::TcpV4 => self.has(VIRTIO_NET_F_HOST_TSO4),
@@ -229,7 +242,8 @@ mod tests {
 
     #[test]
     fn gso_acceptance_follows_acked_bits() {
-        let n = Negotiated::new(bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6));
+        let csum = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_CSUM);
+        let n = Negotiated::new(bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6) | csum);
         assert!(n.guest_accepts_gso(GsoKind::None, false));
         assert!(n.guest_accepts_gso(GsoKind::TcpV4, false));
         assert!(
@@ -242,8 +256,25 @@ mod tests {
         assert!(n.host_accepts_gso(GsoKind::TcpV6, false));
         assert!(!n.host_accepts_gso(GsoKind::TcpV4, false));
         assert!(!n.host_accepts_gso(GsoKind::Unknown(9), false));
-        let ecn = Negotiated::new(bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_GUEST_ECN));
+        let ecn =
+            Negotiated::new(bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_GUEST_ECN) | csum);
         assert!(ecn.guest_accepts_gso(GsoKind::TcpV6, true));
+    }
+
+    #[test]
+    fn gso_without_checksum_offload_does_not_count() {
+        // What QEMU 7.2 negotiates with csum=off,guest_csum=off: TSO bits without CSUM bits.
+        let n = Negotiated::new(
+            bit(VIRTIO_NET_F_GUEST_TSO4)
+                | bit(VIRTIO_NET_F_GUEST_TSO6)
+                | bit(VIRTIO_NET_F_GUEST_USO4)
+                | bit(VIRTIO_NET_F_HOST_TSO4),
+        );
+        assert!(!n.guest_accepts_gso(GsoKind::TcpV4, false));
+        assert!(!n.guest_accepts_gso(GsoKind::TcpV6, false));
+        assert!(!n.guest_accepts_uso(false));
+        assert!(!n.host_accepts_gso(GsoKind::TcpV4, false));
+        assert!(n.guest_accepts_gso(GsoKind::None, false));
     }
 
     #[test]
