@@ -311,9 +311,13 @@ impl TxPath {
             scatter.read_at(hdr_len + 6, &mut source);
             if source != mac {
                 ctx.stats.tx_drop_spoofed += 1;
+                // QEMU 7.2 does not read the MAC from the backend (no PROTOCOL_F_CONFIG for
+                // virtio-net): a device `mac=` without the same `--mac` lands here.
                 self.log(format_args!(
-                    "TX: dropped a frame from {} that is not the guest's MAC",
-                    crate::config::MacAddr(source)
+                    "TX: dropped a frame from {} that is not the guest's MAC {} \
+                     (give vhost-packet --mac the MAC of the frontend's device)",
+                    crate::config::MacAddr(source),
+                    crate::config::MacAddr(mac)
                 ));
                 return Fate::Drop;
             }
