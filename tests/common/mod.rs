@@ -3,5 +3,6 @@
 
 pub mod daemon;
 pub mod frontend;
+pub mod guest;
 pub mod netns;
 pub mod packets;

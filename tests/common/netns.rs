@@ -176,6 +176,23 @@ impl NetNs {
         self.ip(&["addr", "add", cidr, "dev", ifname]);
     }
 
+    /// Turns IPv6 back on in this namespace (off by default, see [`NetNs::new`]) for `ifname`
+    /// and adds `cidr`, which must be inside 2001:2::/48 (RFC 5180 benchmarking), without DAD.
+    pub fn add_addr6(&self, ifname: &str, cidr: &str) {
+        assert!(
+            in_benchmark_range6(cidr),
+            "address {cidr} is outside 2001:2::/48; tests may only use that range"
+        );
+        for knob in ["all", "default", ifname] {
+            let _ = self.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{knob}.disable_ipv6=0"),
+            ]);
+        }
+        self.ip(&["-6", "addr", "add", cidr, "dev", ifname, "nodad"]);
+    }
+
     /// Adds a permanent neighbour entry (so the stack does not ARP for it). 198.18.0.0/15 only.
     pub fn add_neigh(&self, ifname: &str, ip: &str, mac: &str) {
         assert!(
@@ -363,6 +380,19 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// True if `addr` (optionally with `/prefix`) is inside 2001:2::/48.
+fn in_benchmark_range6(addr: &str) -> bool {
+    let (ip, prefix) = match addr.split_once('/') {
+        Some((ip, p)) => (ip, p.parse::<u8>().ok()),
+        None => (addr, Some(128)),
+    };
+    let Ok(ip) = ip.parse::<std::net::Ipv6Addr>() else {
+        return false;
+    };
+    let s = ip.segments();
+    s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0 && matches!(prefix, Some(48..=128))
 }
 
 /// True if `addr` (optionally with `/prefix`) is inside 198.18.0.0/15.
