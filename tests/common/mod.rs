@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod dpdk;
 pub mod frontend;
 pub mod guest;
 pub mod netns;
