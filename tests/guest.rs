@@ -272,3 +272,238 @@ fn guest_without_checksum_offload() {
     assert_eq!(stats["tx.gso"], 0, "{stats:?}");
     assert_no_error_drops(&stats);
 }
+
+/// TCP both ways over IPv4 and IPv6 (2 s each); returns the four rates in Gbit/s.
+fn tcp_both_ways_v4_v6(guest: &mut Guest) -> [f64; 4] {
+    let mut rates = [0.0; 4];
+    for (i, (server, reverse)) in [
+        (PEER_IP, false),
+        (PEER_IP, true),
+        (PEER_IP6, false),
+        (PEER_IP6, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        rates[i] = guest_iperf(guest, server, 2, reverse).gbits;
+    }
+    rates
+}
+
+/// Boots a guest with `nic` options, checks ping and TCP (IPv4 and IPv6) both ways, and
+/// returns the guest and vhost-packet's counters.
+fn offload_case(nic: &str) -> (Guest, GuestNet, HashMap<String, u64>) {
+    let net = GuestNet::new(None, &[]);
+    let mut guest = net.boot(&GuestOptions::nic(nic));
+    ping_both_ways(&net, &mut guest);
+    let rates = tcp_both_ways_v4_v6(&mut guest);
+    let stats = net.stats();
+    eprintln!(
+        "{nic}: IPv4 up {:.2} down {:.2}, IPv6 up {:.2} down {:.2} Gbit/s; segmented {} csum_completed {}",
+        rates[0], rates[1], rates[2], rates[3], stats["rx.segmented"], stats["rx.csum_completed"]
+    );
+    assert_no_error_drops(&stats);
+    (guest, net, stats)
+}
+
+/// A guest without GUEST_TSO4/6: the peer's TSO frames are segmented for it (TCPv4, TCPv6).
+#[test]
+fn guest_without_guest_tso() {
+    if !require_guest() {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let (guest, _net, stats) = offload_case("guest_tso4=off,guest_tso6=off");
+    assert!(!guest.has(bit::GUEST_TSO4) && !guest.has(bit::GUEST_TSO6));
+    assert!(guest.has(bit::GUEST_CSUM));
+    assert!(stats["rx.segmented"] > 0, "{stats:?}");
+    assert_eq!(stats["rx.multi_buffer"], 0, "{stats:?}");
+}
+
+/// A guest without GUEST_CSUM (QEMU keeps GUEST_TSO4/6, which then do not count): frames
+/// reach it segmented and with full checksums.
+#[test]
+fn guest_without_guest_csum() {
+    if !require_guest() {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let (guest, _net, stats) = offload_case("guest_csum=off");
+    assert!(!guest.has(bit::GUEST_CSUM) && guest.has(bit::CSUM));
+    assert!(stats["rx.segmented"] > 0, "{stats:?}");
+    assert!(stats["tx.gso"] > 0, "the guest still sends TSO: {stats:?}");
+}
+
+/// A legacy (virtio 0.9.5) guest: no VERSION_1; with MRG_RXBUF its header is 12 bytes.
+#[test]
+fn legacy_guest_disable_modern() {
+    if !require_guest() {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let (guest, _net, stats) = offload_case("disable-modern=on");
+    assert!(!guest.has(bit::VERSION_1) && guest.has(bit::MRG_RXBUF));
+    assert!(stats["rx.gso"] > 0 && stats["tx.gso"] > 0, "{stats:?}");
+}
+
+/// A legacy guest without mergeable buffers: the 10-byte header.
+#[test]
+fn legacy_guest_without_mergeable_buffers() {
+    if !require_guest() {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let (guest, _net, stats) = offload_case("disable-modern=on,mrg_rxbuf=off");
+    assert!(!guest.has(bit::VERSION_1) && !guest.has(bit::MRG_RXBUF));
+    assert!(stats["rx.gso"] > 0 && stats["tx.gso"] > 0, "{stats:?}");
+}
+
+/// A VLAN sub-interface in the guest talks to a peer on VLAN 10. This host's kernel has no
+/// 8021q, so the peer is a raw-socket responder that answers ARP and ICMP echo on VLAN 10 and
+/// tags its replies. On the way to the guest the veth strips the tag (it reaches vhost-packet
+/// only as PACKET_AUXDATA): without the backend putting it back, eth0.10 never sees a reply.
+#[test]
+fn guest_vlan_subinterface() {
+    if !require_guest() {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let net = GuestNet::new(None, &[]);
+    let responder = vlan::Responder::start(&net.peer, "vp0", 10, [198, 19, 10, 2]);
+    let mut guest = net.boot(&GuestOptions::default());
+    guest.sh_ok(
+        "load 8021q && ip link add link eth0 name eth0.10 type vlan id 10 && \
+         ip link set eth0.10 up && ip addr add 198.19.10.1/24 dev eth0.10",
+        CMD,
+    );
+    let out = guest.sh_ok("ping -c 3 -W 5 198.19.10.2", CMD);
+    assert!(out.contains(" 0% packet loss"), "{out}");
+    let big = guest.sh_ok("ping -c 2 -s 1400 -W 5 198.19.10.2", CMD);
+    assert!(big.contains(" 0% packet loss"), "{big}");
+    let seen = responder.stop();
+    assert!(seen.echoes >= 5 && seen.arps >= 1, "{seen:?}");
+    let stats = net.stats();
+    assert_no_error_drops(&stats);
+    eprintln!("VLAN 10: {seen:?}");
+}
+
+mod vlan {
+    //! A host on one VLAN, made of a packet socket: answers ARP for its address and ICMP echo
+    //! requests that arrive with the VLAN's tag, and tags what it sends.
+
+    use std::io::{IoSlice, IoSliceMut};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    use crate::common::netns::NetNs;
+    use crate::common::packets::{arp_reply, ethernet, ipv4, ETH_ARP, ETH_IPV4};
+    use vhost_packet::packet::interface::Interface;
+    use vhost_packet::packet::socket::{PacketSocket, SocketOptions};
+    use vhost_packet::wire::checksum::Checksum;
+
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Seen {
+        pub arps: u32,
+        pub echoes: u32,
+        /// Frames of this VLAN that were neither.
+        pub other: u32,
+    }
+
+    pub struct Responder {
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<Seen>,
+    }
+
+    impl Responder {
+        pub fn start(ns: &NetNs, ifname: &str, vid: u16, ip: [u8; 4]) -> Responder {
+            let mac = ns.mac(ifname);
+            let name = ifname.to_owned();
+            let sock = ns.enter_thread(move || {
+                let iface = Interface::by_name(&name).unwrap();
+                PacketSocket::open(&iface, &SocketOptions::default()).unwrap()
+            });
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let thread = std::thread::spawn(move || serve(&sock, &flag, vid, mac, ip));
+            Responder { stop, thread }
+        }
+
+        pub fn stop(self) -> Seen {
+            self.stop.store(true, Ordering::Relaxed);
+            self.thread.join().expect("VLAN responder")
+        }
+    }
+
+    /// `frame` with an 802.1Q tag inserted after the MAC addresses.
+    fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+        let mut out = frame[..12].to_vec();
+        out.extend_from_slice(&0x8100u16.to_be_bytes());
+        out.extend_from_slice(&vid.to_be_bytes());
+        out.extend_from_slice(&frame[12..]);
+        out
+    }
+
+    fn serve(sock: &PacketSocket, stop: &AtomicBool, vid: u16, mac: [u8; 6], ip: [u8; 4]) -> Seen {
+        let mut seen = Seen::default();
+        let mut buf = vec![0u8; 70_000];
+        let vnet = [0u8; 12];
+        while !stop.load(Ordering::Relaxed) {
+            let r = match sock.recv_vectored(&mut [IoSliceMut::new(&mut buf)]) {
+                Ok(r) => r,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+            };
+            // Frames this socket sent come back as outgoing; only tagged ones for our VLAN
+            // matter (the tag arrives out of band, stripped by the veth).
+            let Some(tag) = r.vlan else { continue };
+            if tag.tci & 0x0fff != vid || r.len < 12 + 14 {
+                continue;
+            }
+            let frame = &buf[12..r.len.min(buf.len())];
+            let src: [u8; 6] = frame[6..12].try_into().unwrap();
+            if src == mac {
+                continue;
+            }
+            let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+            let l3 = &frame[14..];
+            let reply = if ethertype == ETH_ARP && l3.len() >= 28 && l3[7] == 1 && l3[24..28] == ip
+            {
+                seen.arps += 1;
+                let sender_ip: [u8; 4] = l3[14..18].try_into().unwrap();
+                Some(arp_reply(mac, ip, src, sender_ip))
+            } else if ethertype == ETH_IPV4 && l3.len() >= 28 && l3[9] == 1 && l3[16..20] == ip {
+                let ihl = usize::from(l3[0] & 0x0f) * 4;
+                let total = usize::from(u16::from_be_bytes([l3[2], l3[3]])).min(l3.len());
+                let icmp = &l3[ihl..total];
+                if icmp.first() == Some(&8) {
+                    seen.echoes += 1;
+                    let mut answer = icmp.to_vec();
+                    answer[0] = 0;
+                    answer[2..4].fill(0);
+                    let mut c = Checksum::new();
+                    c.add_bytes(&answer);
+                    answer[2..4].copy_from_slice(&c.finish().to_be_bytes());
+                    let peer: [u8; 4] = l3[12..16].try_into().unwrap();
+                    Some(ethernet(src, mac, ETH_IPV4, &ipv4(ip, peer, 1, 0, &answer)))
+                } else {
+                    None
+                }
+            } else {
+                None
+            };
+            match reply {
+                Some(frame) => {
+                    let out = tagged(&frame, vid);
+                    sock.send_vectored(&[IoSlice::new(&vnet), IoSlice::new(&out)])
+                        .expect("send a tagged reply");
+                }
+                None => seen.other += 1,
+            }
+        }
+        seen
+    }
+}
