@@ -31,9 +31,9 @@ vp_build
 VP_TMP="$(mktemp -d /tmp/vhost-packet-demo.XXXXXX)"
 vp_netns demo
 socket="$VP_TMP/vhost-packet.sock"
-vp_spawn "$VP_PEER_NS" "$VP_TMP/iperf3.log" iperf3 -s >/dev/null
+vp_spawn "$VP_PEER_NS" "$VP_TMP/iperf3.log" iperf3 -s
 vp_spawn "$VP_HOST_NS" "$VP_TMP/vhost-packet.log" \
-    "$VP_BIN" --socket "$socket" --interface vh0 --mac "$VP_GUEST_MAC" >/dev/null
+    "$VP_BIN" --socket "$socket" --interface vh0 --mac "$VP_GUEST_MAC"
 vp_wait_for "$VP_TMP/vhost-packet.log" "listening on" 10 ||
     vp_die "vhost-packet did not start: $(cat "$VP_TMP/vhost-packet.log")"
 
@@ -50,7 +50,8 @@ boot_args=(--socket "$socket" --mac "$VP_GUEST_MAC" --run "$VP_TMP/run.sh"
     --serial-log "$VP_TMP/serial.log" --addr "$VP_GUEST_IP/24" --addr6 "$VP_GUEST_IP6/64")
 [ -n "$nic" ] && boot_args+=(--nic "$nic")
 start=$(date +%s.%N)
-qemu_pid=$(vp_spawn - "$VP_TMP/qemu.log" "$VP_REPO/qemu/boot.sh" "${boot_args[@]}")
+vp_spawn - "$VP_TMP/qemu.log" "$VP_REPO/qemu/boot.sh" "${boot_args[@]}"
+qemu_pid=$VP_LAST_PID
 # The guest powers off when its script is done; give TCG plenty of time.
 for _ in $(seq 1800); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$qemu_pid" 2>/dev/null && vp_die "the guest did not finish in 180 s; see $VP_TMP/serial.log"

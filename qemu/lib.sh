@@ -81,7 +81,8 @@ vp_netns() {
 }
 
 # vp_spawn NS LOG CMD...: starts CMD in namespace NS (or the current one if NS is "-"), output
-# to LOG; records its PID in VP_PIDS and prints it.
+# to LOG; records its PID in VP_PIDS and in VP_LAST_PID. Call it directly, not in $(...): a
+# subshell's VP_PIDS would not reach vp_cleanup.
 vp_spawn() {
     local ns="$1" log="$2"
     shift 2
@@ -90,8 +91,8 @@ vp_spawn() {
     else
         ip netns exec "$ns" "$@" >"$log" 2>&1 </dev/null &
     fi
-    VP_PIDS+=("$!")
-    echo "$!"
+    VP_LAST_PID=$!
+    VP_PIDS+=("$VP_LAST_PID")
 }
 
 # vp_wait_for FILE TEXT SECONDS: waits until FILE contains TEXT.
