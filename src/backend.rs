@@ -9,8 +9,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use log::{info, warn};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
@@ -19,6 +19,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::datapath::{EventRegistry, GuestMemory, QueuePair};
+use crate::packet::socket::FanoutHandle;
+use crate::packet::steering;
+use crate::relay::RingSwitch;
 use crate::stats::PairStats;
 use crate::virtio::config_space::NetConfigSpace;
 use crate::virtio::features::{self, Negotiated};
@@ -35,10 +38,58 @@ impl EventRegistry for VringEpollHandler<NetBackend> {
 
 struct Shared {
     pairs: Vec<Mutex<QueuePair>>,
+    /// Which pairs receive. Only the control path takes this lock (the relay and protocol
+    /// threads), always before a pair's; workers never do.
+    steering: Mutex<Steering>,
     features: u64,
     queue_size: usize,
     config: Mutex<NetConfigSpace>,
     acked: AtomicU64,
+}
+
+/// The pairs whose RX ring is enabled, and the fanout program that hands frames to them alone.
+struct Steering {
+    /// The pairs' fanout group; `None` with a single pair, which needs none.
+    group: Option<FanoutHandle>,
+    rx_enabled: Vec<bool>,
+}
+
+impl Steering {
+    /// Records pair `pair`'s RX state and, if the set changed, reprograms the group.
+    fn set(&mut self, pair: usize, enabled: bool) {
+        let Some(slot) = self.rx_enabled.get_mut(pair) else {
+            return;
+        };
+        if std::mem::replace(slot, enabled) == enabled {
+            return;
+        }
+        self.apply();
+    }
+
+    fn set_all(&mut self, enabled: bool) {
+        if self.rx_enabled.iter().all(|&e| e == enabled) {
+            return;
+        }
+        self.rx_enabled.iter_mut().for_each(|e| *e = enabled);
+        self.apply();
+    }
+
+    fn apply(&self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let enabled: Vec<usize> = (0..self.rx_enabled.len())
+            .filter(|&i| self.rx_enabled[i])
+            .collect();
+        match group.set_program(&steering::program(&enabled)) {
+            Ok(()) => info!(
+                "receiving on queue pairs {:?} of {}",
+                enabled,
+                self.rx_enabled.len()
+            ),
+            Err(e) => warn!("steering frames to queue pairs {enabled:?}: {e}"),
+        }
+    }
 }
 
 /// The vhost-user net backend. Cloning shares it: one instance serves every connection in turn,
@@ -49,15 +100,24 @@ pub struct NetBackend {
 }
 
 impl NetBackend {
+    /// `group`: the pairs' fanout group, when there is more than one pair.
     pub fn new(
         pairs: Vec<QueuePair>,
+        group: Option<FanoutHandle>,
         features: u64,
         queue_size: u16,
         config: NetConfigSpace,
     ) -> NetBackend {
+        let steering = Steering {
+            group,
+            rx_enabled: vec![false; pairs.len()],
+        };
+        // Until a frontend enables a pair, every frame goes to pair 0, as with one pair.
+        steering.apply();
         NetBackend {
             shared: Arc::new(Shared {
                 pairs: pairs.into_iter().map(Mutex::new).collect(),
+                steering: Mutex::new(steering),
                 features,
                 queue_size: queue_size.into(),
                 config: Mutex::new(config),
@@ -86,14 +146,29 @@ impl NetBackend {
         }
     }
 
+    fn steering(&self) -> MutexGuard<'_, Steering> {
+        self.shared
+            .steering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The frontend went away: forget its memory, rings and registrations.
     pub fn detach(&self) {
+        self.steering().set_all(false);
         for i in 0..self.shared.pairs.len() {
             if let Some(mut p) = self.pair(i) {
                 p.detach();
             }
         }
         self.shared.acked.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether each pair's (RX, TX) rings are enabled.
+    pub fn rings_enabled(&self) -> Vec<(bool, bool)> {
+        (0..self.shared.pairs.len())
+            .filter_map(|i| self.pair(i).map(|p| p.rings_enabled()))
+            .collect()
     }
 
     pub fn stats(&self) -> Vec<PairStats> {
@@ -110,6 +185,34 @@ impl NetBackend {
     pub fn log_stats(&self, why: &str) {
         for (i, s) in self.stats().iter().enumerate() {
             info!("{why}: queue pair {i}: {s}");
+        }
+    }
+}
+
+impl RingSwitch for NetBackend {
+    fn ring_count(&self) -> u32 {
+        2 * self.shared.pairs.len() as u32
+    }
+
+    fn set_ring_enabled(&self, index: u32, enabled: bool) {
+        let (pair, rx) = (index as usize / 2, index % 2 == 0);
+        debug!(
+            "queue pair {pair}: {} ring {}",
+            if rx { "RX" } else { "TX" },
+            if enabled { "enabled" } else { "disabled" }
+        );
+        // The pair empties its socket when its RX ring changes state. Steering changes around
+        // that: a pair being disabled gets no more frames before, one being enabled gets new
+        // ones only after, so that nothing fresh is thrown away.
+        let mut steering = self.steering();
+        if rx && !enabled {
+            steering.set(pair, false);
+        }
+        if let Some(mut p) = self.pair(pair) {
+            p.set_ring_enabled(rx, enabled);
+        }
+        if rx && enabled {
+            steering.set(pair, true);
         }
     }
 }
@@ -144,6 +247,13 @@ impl VhostUserBackend for NetBackend {
                 if let Err(e) = p.set_features(negotiated) {
                     warn!("queue pair {i}: {e}");
                 }
+            }
+        }
+        // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: every ring is enabled now
+        // (vhost-user-backend does the same with its own flags).
+        if acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            for index in 0..self.ring_count() {
+                self.set_ring_enabled(index, true);
             }
         }
     }

@@ -121,7 +121,7 @@ impl Daemon {
             max_virtqueue_pairs: QUEUE_PAIRS as u16,
             mtu,
         };
-        let backend = NetBackend::new(pairs, offered, config.queue_size, space);
+        let backend = NetBackend::new(pairs, None, offered, config.queue_size, space);
 
         let listener = match &config.endpoint {
             Endpoint::Server(path) => Some(bind_socket(path, &config, user.as_ref(), socket_gid)?),
@@ -258,9 +258,10 @@ impl Daemon {
                 return Ok(());
             }
         };
+        let rings = self.backend.clone();
         let relay = thread::Builder::new()
             .name("vhost-user-relay".into())
-            .spawn(move || relay::relay(frontend, handler_side))
+            .spawn(move || relay::relay(frontend, handler_side, &rings))
             .map_err(Error::Internal)?;
         info!("frontend connected");
         match daemon.wait() {

@@ -707,37 +707,16 @@ impl PacketSocket {
     /// swaps it atomically for all members). Its result is the index of the member, in join
     /// order, that gets the frame.
     pub fn set_fanout_program(&self, program: &[libc::sock_filter]) -> Result<(), PacketError> {
-        let err = |source| PacketError::SetOption {
-            iface: self.iface_name.clone(),
-            option: "PACKET_FANOUT_DATA",
-            value: c_int::try_from(program.len()).unwrap_or(c_int::MAX),
-            source,
-        };
-        let len = u16::try_from(program.len()).map_err(|_| {
-            err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a classic BPF program has at most 4096 instructions",
-            ))
-        })?;
-        let fprog = libc::sock_fprog {
-            len,
-            filter: program.as_ptr().cast_mut(),
-        };
-        // SAFETY: `fprog` points at `program`, alive across the call; the kernel copies it and
-        // never writes through the pointer.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_FANOUT_DATA,
-                (&fprog as *const libc::sock_fprog).cast::<c_void>(),
-                mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
-        Ok(())
+        set_fanout_program(self.fd.as_fd(), &self.iface_name, program)
+    }
+
+    /// A handle on this socket's fanout group, to change its program from another thread
+    /// without sharing the socket (a duplicate of the descriptor).
+    pub fn fanout_handle(&self) -> io::Result<FanoutHandle> {
+        Ok(FanoutHandle {
+            fd: self.fd.try_clone()?,
+            iface_name: self.iface_name.clone(),
+        })
     }
 
     /// Receives and discards up to `max` queued frames without blocking; returns how many.
@@ -759,6 +738,58 @@ impl PacketSocket {
         }
         n
     }
+}
+
+/// A duplicate descriptor of a fanout group member, to replace the group's program.
+#[derive(Debug)]
+pub struct FanoutHandle {
+    fd: OwnedFd,
+    iface_name: String,
+}
+
+impl FanoutHandle {
+    /// See [`PacketSocket::set_fanout_program`].
+    pub fn set_program(&self, program: &[libc::sock_filter]) -> Result<(), PacketError> {
+        set_fanout_program(self.fd.as_fd(), &self.iface_name, program)
+    }
+}
+
+fn set_fanout_program(
+    fd: BorrowedFd<'_>,
+    iface: &str,
+    program: &[libc::sock_filter],
+) -> Result<(), PacketError> {
+    let err = |source| PacketError::SetOption {
+        iface: iface.to_owned(),
+        option: "PACKET_FANOUT_DATA",
+        value: c_int::try_from(program.len()).unwrap_or(c_int::MAX),
+        source,
+    };
+    let len = u16::try_from(program.len()).map_err(|_| {
+        err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a classic BPF program has at most 4096 instructions",
+        ))
+    })?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points at `program`, alive across the call; the kernel copies it and
+    // never writes through the pointer.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT_DATA,
+            (&fprog as *const libc::sock_fprog).cast::<c_void>(),
+            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 impl AsRawFd for PacketSocket {
