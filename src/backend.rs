@@ -182,9 +182,16 @@ impl NetBackend {
         self.shared.acked.load(Ordering::Relaxed)
     }
 
+    /// One line per pair, then (with several) one for all of them.
     pub fn log_stats(&self, why: &str) {
-        for (i, s) in self.stats().iter().enumerate() {
+        let stats = self.stats();
+        for (i, s) in stats.iter().enumerate() {
             info!("{why}: queue pair {i}: {s}");
+        }
+        if stats.len() > 1 {
+            let n = stats.len();
+            let total: PairStats = stats.into_iter().sum();
+            info!("{why}: all {n} queue pairs: {total}");
         }
     }
 }
@@ -314,7 +321,8 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker per pair: RX queue 2i and TX queue 2i+1.
+        // One worker per pair: RX queue 2i and TX queue 2i+1 (a u64 mask each, hence at most
+        // 32 pairs, `config::MAX_QUEUE_PAIRS`).
         (0..self.shared.pairs.len())
             .map(|i| 0b11u64 << (2 * i))
             .collect()

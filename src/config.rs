@@ -94,6 +94,9 @@ impl fmt::Display for MacAddr {
 pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 /// Largest virtqueue size we accept (and offer).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most queue pairs served (`--queues`). vhost-user-backend assigns queues to worker threads
+/// by bit masks of one u64 (`queues_per_thread`), so it serves at most 64 queues: 32 pairs.
+pub const MAX_QUEUE_PAIRS: u16 = 32;
 
 /// The daemon's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +107,8 @@ pub struct Config {
     /// `None`: the interface's MTU.
     pub mtu: Option<u16>,
     pub queue_size: u16,
+    /// RX/TX queue pairs, each with its worker thread and packet socket.
+    pub queue_pairs: u16,
     pub qdisc_bypass: bool,
     pub promisc: bool,
     /// Let the guest send frames with any source MAC.
@@ -126,6 +131,7 @@ pub struct RawConfig {
     pub mac: Option<String>,
     pub mtu: Option<u32>,
     pub queue_size: u32,
+    pub queues: u32,
     pub qdisc_bypass: bool,
     pub promisc: bool,
     pub allow_mac_spoofing: bool,
@@ -190,6 +196,12 @@ impl Config {
                 "--queue-size {q} must be a power of two from 2 to {MAX_QUEUE_SIZE}"
             )));
         }
+        if !(1..=u32::from(MAX_QUEUE_PAIRS)).contains(&raw.queues) {
+            return Err(Error::InvalidArgument(format!(
+                "--queues {} is out of range (1..={MAX_QUEUE_PAIRS})",
+                raw.queues
+            )));
+        }
         let socket_mode = crate::privileges::parse_mode(&raw.socket_mode).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "--socket-mode {} is not an octal permission mode like 0660",
@@ -202,6 +214,7 @@ impl Config {
             mac,
             mtu,
             queue_size: q as u16,
+            queue_pairs: raw.queues as u16,
             qdisc_bypass: raw.qdisc_bypass,
             promisc: raw.promisc,
             allow_mac_spoofing: raw.allow_mac_spoofing,
@@ -226,6 +239,7 @@ mod tests {
             socket: Some("/run/vhost-packet/net0.sock".into()),
             interface: "eth3".into(),
             queue_size: 1024,
+            queues: 1,
             socket_mode: "0600".into(),
             ..Default::default()
         }
@@ -294,6 +308,11 @@ mod tests {
                 Box::new(|r| r.queue_size = 2048),
                 "--queue-size 2048 must be a power of two",
             ),
+            (
+                Box::new(|r| r.queues = 0),
+                "--queues 0 is out of range (1..=32)",
+            ),
+            (Box::new(|r| r.queues = 33), "--queues 33 is out of range"),
             (Box::new(|r| r.queue_size = 1000), "--queue-size 1000"),
             (
                 Box::new(|r| r.interface = "a-very-long-interface-name".into()),

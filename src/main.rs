@@ -7,7 +7,7 @@ use std::thread;
 use clap::Parser;
 use log::{error, info};
 
-use vhost_packet::config::{Config, RawConfig, MAX_QUEUE_SIZE};
+use vhost_packet::config::{Config, RawConfig, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE};
 use vhost_packet::daemon::Daemon;
 use vhost_packet::signals::{self, Signal};
 
@@ -60,6 +60,14 @@ struct Cli {
     /// Largest virtqueue size the frontend may configure (a power of two).
     #[arg(long, value_name = "N", default_value_t = u32::from(MAX_QUEUE_SIZE))]
     queue_size: u32,
+
+    /// RX/TX queue pairs (1 to 32), each with its own worker thread and packet socket; with
+    /// more than one the guest gets VIRTIO_NET_F_MQ and incoming flows are spread over the
+    /// pairs it enables. Give QEMU `-netdev vhost-user,...,queues=N` and
+    /// `-device virtio-net-pci,...,mq=on`.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_QUEUE_PAIRS)))]
+    queues: u32,
 
     /// Send with PACKET_QDISC_BYPASS: faster, but skips the interface's qdisc, and GSO frames
     /// the device cannot segment itself are dropped.
@@ -180,6 +188,7 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
         mac: cli.mac,
         mtu: cli.mtu,
         queue_size: cli.queue_size,
+        queues: cli.queues,
         qdisc_bypass: cli.qdisc_bypass,
         promisc: cli.promisc,
         allow_mac_spoofing: cli.allow_mac_spoofing,

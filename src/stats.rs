@@ -55,6 +55,75 @@ pub struct PairStats {
     pub tx_kicks: u64,
 }
 
+impl std::ops::AddAssign for PairStats {
+    fn add_assign(&mut self, o: PairStats) {
+        // Destructured without `..`: a new counter must be added here to compile.
+        let PairStats {
+            rx_packets,
+            rx_bytes,
+            rx_gso,
+            rx_multi_buffer,
+            rx_csum_completed,
+            rx_segmented,
+            rx_drop_oversize,
+            rx_drop_no_buffers,
+            rx_drop_offload,
+            rx_drop_bad_chain,
+            rx_drop_kernel,
+            rx_drop_disabled,
+            rx_notifications,
+            rx_kicks,
+            tx_packets,
+            tx_bytes,
+            tx_gso,
+            tx_drop_malformed,
+            tx_drop_unnegotiated,
+            tx_drop_spoofed,
+            tx_drop_oversize,
+            tx_drop_kernel,
+            tx_drop_disabled,
+            tx_backpressure,
+            tx_notifications,
+            tx_kicks,
+        } = o;
+        self.rx_packets += rx_packets;
+        self.rx_bytes += rx_bytes;
+        self.rx_gso += rx_gso;
+        self.rx_multi_buffer += rx_multi_buffer;
+        self.rx_csum_completed += rx_csum_completed;
+        self.rx_segmented += rx_segmented;
+        self.rx_drop_oversize += rx_drop_oversize;
+        self.rx_drop_no_buffers += rx_drop_no_buffers;
+        self.rx_drop_offload += rx_drop_offload;
+        self.rx_drop_bad_chain += rx_drop_bad_chain;
+        self.rx_drop_kernel += rx_drop_kernel;
+        self.rx_drop_disabled += rx_drop_disabled;
+        self.rx_notifications += rx_notifications;
+        self.rx_kicks += rx_kicks;
+        self.tx_packets += tx_packets;
+        self.tx_bytes += tx_bytes;
+        self.tx_gso += tx_gso;
+        self.tx_drop_malformed += tx_drop_malformed;
+        self.tx_drop_unnegotiated += tx_drop_unnegotiated;
+        self.tx_drop_spoofed += tx_drop_spoofed;
+        self.tx_drop_oversize += tx_drop_oversize;
+        self.tx_drop_kernel += tx_drop_kernel;
+        self.tx_drop_disabled += tx_drop_disabled;
+        self.tx_backpressure += tx_backpressure;
+        self.tx_notifications += tx_notifications;
+        self.tx_kicks += tx_kicks;
+    }
+}
+
+impl std::iter::Sum for PairStats {
+    fn sum<I: Iterator<Item = PairStats>>(iter: I) -> PairStats {
+        iter.fold(PairStats::default(), |mut acc, s| {
+            acc += s;
+            acc
+        })
+    }
+}
+
 /// Direction of a counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -221,6 +290,52 @@ mod tests {
              tx packets=0 bytes=0 gso=0 backpressure=0 notifications=0 kicks=3 \
              drops[malformed=0 unnegotiated=0 spoofed=4 oversize=0 kernel=0 disabled=0]"
         );
+    }
+
+    #[test]
+    fn totals_add_every_counter() {
+        let one = PairStats {
+            rx_packets: 1,
+            rx_drop_disabled: 2,
+            tx_kicks: 3,
+            ..Default::default()
+        };
+        let total: PairStats = [one, one, PairStats::default()].into_iter().sum();
+        for (t, o) in total.counters().iter().zip(one.counters()) {
+            assert_eq!(t.value, 2 * o.value, "{}", t.name);
+        }
+        // Every counter takes part: set each one alone and see it in the total.
+        let ones = PairStats::default().counters().len();
+        let mut all = PairStats::default();
+        all += PairStats {
+            rx_packets: 1,
+            rx_bytes: 1,
+            rx_gso: 1,
+            rx_multi_buffer: 1,
+            rx_csum_completed: 1,
+            rx_segmented: 1,
+            rx_drop_oversize: 1,
+            rx_drop_no_buffers: 1,
+            rx_drop_offload: 1,
+            rx_drop_bad_chain: 1,
+            rx_drop_kernel: 1,
+            rx_drop_disabled: 1,
+            rx_notifications: 1,
+            rx_kicks: 1,
+            tx_packets: 1,
+            tx_bytes: 1,
+            tx_gso: 1,
+            tx_drop_malformed: 1,
+            tx_drop_unnegotiated: 1,
+            tx_drop_spoofed: 1,
+            tx_drop_oversize: 1,
+            tx_drop_kernel: 1,
+            tx_drop_disabled: 1,
+            tx_backpressure: 1,
+            tx_notifications: 1,
+            tx_kicks: 1,
+        };
+        assert_eq!(all.counters().iter().filter(|c| c.value == 1).count(), ones);
     }
 
     #[test]

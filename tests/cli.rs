@@ -296,6 +296,7 @@ fn help_lists_every_option_and_version_prints_it() {
         "--mac",
         "--mtu",
         "--queue-size",
+        "--queues",
         "--qdisc-bypass",
         "--promisc",
         "--vnet-hdr",
@@ -556,6 +557,30 @@ fn bad_queue_size_is_one_line() {
             one_line_error(&out),
             &[&format!("--queue-size {q}"), "power of two"],
         );
+    }
+}
+
+#[test]
+fn bad_queue_count_is_a_one_line_usage_error() {
+    let dir = TempDir::new("queues");
+    let sock = dir.join("x.sock");
+    for (q, why) in [
+        ("0", "0 is not in 1..=32"),
+        ("33", "33 is not in 1..=32"),
+        ("two", "invalid digit"),
+        ("1.5", "invalid digit"),
+    ] {
+        let out = vhost_packet(&[
+            "--socket",
+            s(&sock),
+            "--interface",
+            "nosuch0",
+            "--queues",
+            q,
+        ]);
+        let line = one_line_error(&out);
+        assert_eq!(out.status.code(), Some(2), "a usage error: {line}");
+        assert_mentions(line, &["--queues", why]);
     }
 }
 
