@@ -18,6 +18,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::affinity;
 use crate::datapath::{EventRegistry, GuestMemory, QueuePair};
 use crate::packet::socket::FanoutHandle;
 use crate::packet::steering;
@@ -45,6 +46,8 @@ struct Shared {
     queue_size: usize,
     config: Mutex<NetConfigSpace>,
     acked: AtomicU64,
+    /// `--cpu-affinity`: CPUs for the workers, pair i on `cpus[i % len]`.
+    affinity: Option<Vec<usize>>,
 }
 
 /// The pairs whose RX ring is enabled, and the fanout program that hands frames to them alone.
@@ -100,13 +103,15 @@ pub struct NetBackend {
 }
 
 impl NetBackend {
-    /// `group`: the pairs' fanout group, when there is more than one pair.
+    /// `group`: the pairs' fanout group, when there is more than one pair. `affinity`: CPUs
+    /// for the workers, pair i on `affinity[i % len]`.
     pub fn new(
         pairs: Vec<QueuePair>,
         group: Option<FanoutHandle>,
         features: u64,
         queue_size: u16,
         config: NetConfigSpace,
+        affinity: Option<Vec<usize>>,
     ) -> NetBackend {
         let steering = Steering {
             group,
@@ -122,6 +127,7 @@ impl NetBackend {
                 queue_size: queue_size.into(),
                 config: Mutex::new(config),
                 acked: AtomicU64::new(0),
+                affinity,
             }),
         }
     }
@@ -348,6 +354,9 @@ impl VhostUserBackend for NetBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        if let Some(cpus) = &self.shared.affinity {
+            affinity::pin_worker_once(cpus, thread_id);
+        }
         match self.pair(thread_id) {
             Some(mut p) => p.handle_event(device_event, vrings),
             None => Ok(()),

@@ -13,6 +13,7 @@ use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::affinity;
 use crate::backend::NetBackend;
 use crate::config::{Config, Endpoint, VnetHeaderMode};
 use crate::control;
@@ -45,6 +46,9 @@ impl Daemon {
     /// Opens everything that can fail because of the user's input, so that errors surface
     /// before the daemon starts serving.
     pub fn new(config: Config) -> Result<Daemon, Error> {
+        if let Some(cpus) = &config.cpu_affinity {
+            affinity::check_available(cpus).map_err(Error::InvalidArgument)?;
+        }
         let user = config
             .user
             .as_deref()
@@ -156,6 +160,7 @@ impl Daemon {
             offered,
             config.queue_size,
             space,
+            config.cpu_affinity.clone(),
         );
 
         let listener = match &config.endpoint {

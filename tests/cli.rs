@@ -297,6 +297,7 @@ fn help_lists_every_option_and_version_prints_it() {
         "--mtu",
         "--queue-size",
         "--queues",
+        "--cpu-affinity",
         "--qdisc-bypass",
         "--promisc",
         "--vnet-hdr",
@@ -582,6 +583,44 @@ fn bad_queue_count_is_a_one_line_usage_error() {
         assert_eq!(out.status.code(), Some(2), "a usage error: {line}");
         assert_mentions(line, &["--queues", why]);
     }
+}
+
+#[test]
+fn bad_cpu_affinity_is_one_line() {
+    let dir = TempDir::new("cpus");
+    let sock = dir.join("x.sock");
+    let run = |list: &str| {
+        vhost_packet(&[
+            "--socket",
+            s(&sock),
+            "--interface",
+            "nosuch0",
+            "--cpu-affinity",
+            list,
+        ])
+    };
+    // Not a CPU list: a usage error.
+    for (list, why) in [
+        ("a", "'a' is not a CPU number"),
+        ("3-1", "range 3-1 runs backwards"),
+        ("0,,1", "'' is not a CPU number"),
+        ("4096", "CPU 4096 is not below 1024"),
+    ] {
+        let out = run(list);
+        let line = one_line_error(&out);
+        assert_eq!(out.status.code(), Some(2), "a usage error: {line}");
+        assert_mentions(line, &["--cpu-affinity", list, why]);
+    }
+    // A CPU this process may not use: refused before anything is opened.
+    let out = run("1023");
+    let line = one_line_error(&out);
+    assert_mentions(
+        line,
+        &[
+            "--cpu-affinity",
+            "CPU 1023 is not available to this process",
+        ],
+    );
 }
 
 #[test]

@@ -239,10 +239,38 @@ fn send_marked(fe: &mut TestFrontend, dst: [u8; 6], markers: std::ops::Range<u32
     );
 }
 
+/// The CPUs each worker thread (vhost-user-backend names them `vring_worker`) may run on, as
+/// /proc shows them (`0-1`, `1`), sorted.
+fn worker_cpus(pid: u32) -> Vec<String> {
+    let mut lists = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "vring_worker" {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            lists.push(l.trim().to_string());
+        }
+    }
+    lists.sort();
+    lists
+}
+
 #[test]
 fn two_pairs_share_the_peers_flows_and_the_peer_gets_exactly_what_the_guest_sent() {
     let Some(rig) = rig(&[]) else { return };
     let mut fe = guest(&rig);
+    // Without --cpu-affinity the scheduler decides: the workers may run where the process may.
+    let all = vhost_packet::affinity::format_cpus(&vhost_packet::affinity::allowed_cpus().unwrap());
+    assert_eq!(worker_cpus(rig.daemon.pid()), vec![all; PAIRS]);
+    assert!(!rig.daemon.log().contains("worker runs on CPU"));
     assert!(fe.has_feature(feat::MQ), "MQ is offered with two pairs");
     assert_eq!(fe.queue_num(), Some(4), "GET_QUEUE_NUM: four virtqueues");
     let cfg = fe.get_config(8, 2);
@@ -473,4 +501,35 @@ fn what_the_guest_and_the_host_send_never_comes_back_on_any_pair() {
     // The TSO frame did leave, in segments.
     let s = rig.daemon.stats();
     assert_eq!((s["tx.gso"], s["tx.packets"]), (1, 9), "{s:?}");
+}
+
+#[test]
+fn cpu_affinity_pins_each_pairs_worker_in_list_order() {
+    let allowed = vhost_packet::affinity::allowed_cpus().unwrap();
+    // In reverse, so that list order and CPU order differ where there are two CPUs.
+    let list: Vec<usize> = allowed.iter().take(2).rev().copied().collect();
+    let arg = list
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let Some(rig) = rig(&["--cpu-affinity", &arg]) else {
+        return;
+    };
+    let mut fe = guest(&rig);
+    let want: Vec<usize> = (0..PAIRS).map(|p| list[p % list.len()]).collect();
+    for (p, cpu) in want.iter().enumerate() {
+        rig.daemon
+            .wait_for_log(&format!("queue pair {p}: worker runs on CPU {cpu}"), T);
+    }
+    let mut want_lists: Vec<String> = want.iter().map(|c| c.to_string()).collect();
+    want_lists.sort();
+    assert_eq!(worker_cpus(rig.daemon.pid()), want_lists);
+
+    // And traffic flows on both pairs.
+    let flows = peer_flows(&rig, 32);
+    send_round(&flows, 0);
+    let mut got = Received::new();
+    receive(&mut fe, &mut got, T, |r| r.total() >= 32);
+    assert_eq!(got.check().len(), 32);
 }
