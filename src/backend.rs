@@ -55,6 +55,10 @@ struct Steering {
     /// The pairs' fanout group; `None` with a single pair, which needs none.
     group: Option<FanoutHandle>,
     rx_enabled: Vec<bool>,
+    /// The guest acked VIRTIO_NET_F_MQ. Without it the device has one pair (virtio 1.x,
+    /// 5.1.2), whatever the rings' states: a frontend without PROTOCOL_FEATURES has every
+    /// ring enabled, used or not.
+    mq: bool,
 }
 
 impl Steering {
@@ -77,12 +81,18 @@ impl Steering {
         self.apply();
     }
 
+    fn set_mq(&mut self, mq: bool) {
+        if std::mem::replace(&mut self.mq, mq) != mq {
+            self.apply();
+        }
+    }
+
     fn apply(&self) {
         let Some(group) = &self.group else {
             return;
         };
         let enabled: Vec<usize> = (0..self.rx_enabled.len())
-            .filter(|&i| self.rx_enabled[i])
+            .filter(|&i| self.rx_enabled[i] && (i == 0 || self.mq))
             .collect();
         match group.set_program(&steering::program(&enabled)) {
             Ok(()) => info!(
@@ -116,6 +126,7 @@ impl NetBackend {
         let steering = Steering {
             group,
             rx_enabled: vec![false; pairs.len()],
+            mq: false,
         };
         // Until a frontend enables a pair, every frame goes to pair 0, as with one pair.
         steering.apply();
@@ -161,7 +172,11 @@ impl NetBackend {
 
     /// The frontend went away: forget its memory, rings and registrations.
     pub fn detach(&self) {
-        self.steering().set_all(false);
+        {
+            let mut steering = self.steering();
+            steering.set_all(false);
+            steering.set_mq(false);
+        }
         for i in 0..self.shared.pairs.len() {
             if let Some(mut p) = self.pair(i) {
                 p.detach();
@@ -262,6 +277,7 @@ impl VhostUserBackend for NetBackend {
                 }
             }
         }
+        self.steering().set_mq(negotiated.mq());
         // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: every ring is enabled now
         // (vhost-user-backend does the same with its own flags).
         if acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {

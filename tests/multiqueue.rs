@@ -168,7 +168,7 @@ fn receive(
 ) {
     let deadline = Instant::now() + timeout;
     while !done(into) && Instant::now() < deadline {
-        for p in 0..PAIRS {
+        for p in 0..fe.queue_pairs() {
             fe.select_pair(p);
             // A bounded turn per pair: under continuous traffic a ring is never empty.
             for _ in 0..64 {
@@ -550,4 +550,32 @@ fn cpu_affinity_pins_each_pairs_worker_in_list_order() {
     let mut got = Received::new();
     receive(&mut fe, &mut got, T, |r| r.total() >= 32);
     assert_eq!(got.check().len(), 32);
+}
+
+#[test]
+fn a_guest_without_mq_gets_every_flow_on_its_one_pair() {
+    // A frontend without PROTOCOL_FEATURES: SET_FEATURES enables every ring, also those of
+    // pair 1, which it never sets up. Without MQ the device has one pair, so pair 0 must get
+    // every flow; half of them would otherwise wait on a ring that never comes.
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = TestFrontend::connect(&rig.daemon.socket, T);
+    fe.set_without_protocol_features();
+    fe.start(FrontendConfig {
+        features: GUEST_FEATURES,
+        queue_size: 256,
+        mem_size: 64 << 20,
+    });
+    assert!(!fe.has_feature(feat::MQ) && !fe.has_feature(feat::PROTOCOL_FEATURES));
+    // Without REPLY_ACK nothing above waited for the backend; a request with a reply does,
+    // since the backend answers in order.
+    use vhost::VhostBackend;
+    fe.raw_frontend().get_features().unwrap();
+    fe.post_rx_buffers(128, 2048);
+    fe.set_rx_autorefill(true);
+    fe.kick_rx();
+    let flows = peer_flows(&rig, 32);
+    send_round(&flows, 0);
+    let mut got = Received::new();
+    receive(&mut fe, &mut got, T, |r| r.total() >= 32);
+    assert_eq!(got.check().len(), 32, "every flow arrives: {got:?}");
 }

@@ -99,6 +99,11 @@ impl Negotiated {
         self.has(VIRTIO_RING_F_EVENT_IDX)
     }
 
+    /// The guest may use more than the first queue pair.
+    pub fn mq(&self) -> bool {
+        self.has(VIRTIO_NET_F_MQ)
+    }
+
     /// The header length both sides use: 12 with VERSION_1 or MRG_RXBUF, else 10.
     pub fn header_len(&self) -> usize {
         if self.version_1() || self.mrg_rxbuf() {

@@ -19,6 +19,7 @@
 //!   .backend_features() -> u64                     GET_FEATURES (cached)
 //!   .backend_protocol_features() -> u64            GET_PROTOCOL_FEATURES (0 if PROTOCOL_FEATURES not offered)
 //!   .set_wanted_protocol_features(u64)             before start; default MQ|REPLY_ACK|CONFIG|CONFIGURE_MEM_SLOTS
+//!   .set_without_protocol_features()               before start; a frontend that never acks PROTOCOL_FEATURES
 //!   .set_ring_base(u16)                            before start; initial avail/used index (test 16-bit wrap)
 //!   .set_queue_pairs(n)                            before start; n RX/TX pairs (acks MQ when n > 1)
 //!   .select_pair(i)                                every queue operation below acts on pair i (default 0)
@@ -614,6 +615,8 @@ pub struct TestFrontend {
     acked: u64,
     acked_proto: u64,
     wanted_proto: u64,
+    /// Never ack PROTOCOL_FEATURES (rings are then enabled by SET_FEATURES).
+    without_protocol: bool,
     queue_num: Option<u64>,
     ring_base: u16,
     mem: Option<GuestMem>,
@@ -665,6 +668,7 @@ impl TestFrontend {
             acked: 0,
             acked_proto: 0,
             wanted_proto: DEFAULT_PROTOCOL_FEATURES,
+            without_protocol: false,
             queue_num: None,
             ring_base: 0,
             mem: None,
@@ -730,6 +734,12 @@ impl TestFrontend {
         self.wanted_proto = bits;
     }
 
+    /// Behave like a frontend that does not know VHOST_USER_F_PROTOCOL_FEATURES: never ack
+    /// it, never send protocol messages. Call before `start`.
+    pub fn set_without_protocol_features(&mut self) {
+        self.without_protocol = true;
+    }
+
     /// Initial avail/used index of both rings (SET_VRING_BASE value). Call before `start`.
     pub fn set_ring_base(&mut self, base: u16) {
         self.ring_base = base;
@@ -747,6 +757,11 @@ impl TestFrontend {
     pub fn select_pair(&mut self, i: usize) {
         assert!(i < self.pairs, "pair {i} of {}", self.pairs);
         self.active = i;
+    }
+
+    /// How many queue pairs this frontend drives.
+    pub fn queue_pairs(&self) -> usize {
+        self.pairs
     }
 
     /// The pair queue operations act on.
@@ -797,7 +812,7 @@ impl TestFrontend {
         // Always ask again after SET_OWNER, as QEMU does; refreshes the cache.
         self.offered = None;
         let offered = self.try_backend_features()?;
-        if offered & feat::PROTOCOL_FEATURES != 0 {
+        if offered & feat::PROTOCOL_FEATURES != 0 && !self.without_protocol {
             let offered_proto = self.try_backend_protocol_features()?;
             let ack = offered_proto & self.wanted_proto;
             self.fe
@@ -829,7 +844,11 @@ impl TestFrontend {
         } else {
             features
         };
-        let acked = (features & offered) | (offered & feat::PROTOCOL_FEATURES);
+        let acked = if self.without_protocol {
+            features & offered & !feat::PROTOCOL_FEATURES
+        } else {
+            (features & offered) | (offered & feat::PROTOCOL_FEATURES)
+        };
         self.fe
             .set_features(acked)
             .map_err(|e| format!("SET_FEATURES({acked:#x}) failed: {e}"))?;
