@@ -275,6 +275,7 @@ fn forward_requests(
     // Ring index -> last requested state, in ring order for the replay.
     let mut held: BTreeMap<u32, u32> = BTreeMap::new();
     let count = rings.ring_count();
+    let mut warned_beyond = false;
     while let Some(msg) = Message::read(frontend)? {
         log::trace!(
             "vhost-user request {} flags {:#x}",
@@ -293,7 +294,8 @@ fn forward_requests(
                     v
                 }
             });
-            if let Some(index) = index.filter(|&i| i >= count) {
+            if let Some(index) = index.filter(|&i| i >= count && !warned_beyond) {
+                warned_beyond = true;
                 log::warn!(
                     "the frontend addresses ring {index}, but this device has {count} rings ({} queue pairs, --queues): it asks for more queues than served",
                     count / 2
