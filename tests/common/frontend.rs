@@ -53,7 +53,7 @@
 //!        .raw_set_used_event(Queue, v)
 //!        .alloc_buffer(size) -> u64 / free_buffer(gpa, size) / write_guest(gpa, &[u8]) / read_guest(gpa, len)
 //!        .ring_layout(Queue) -> RingLayout  .guest_mem_size()  .raw_frontend() -> &mut vhost Frontend
-//!   .stop(self) -> (u16, u16)                      GET_VRING_BASE(0), GET_VRING_BASE(1), then disconnect
+//!   .stop(self) -> (u16, u16)                      GET_VRING_BASE for RX and TX of the selected pair, then disconnect
 //!
 //! vnet_header(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers, len) -> Vec<u8>
 //! Hdr { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers: Option<u16> }, Hdr::parse(&[u8])
@@ -1743,8 +1743,9 @@ impl TestFrontend {
         u16::try_from(v).map_err(|_| format!("GET_VRING_BASE({}) returned {v:#x}", self.ring(q)))
     }
 
-    /// Stop both rings as QEMU does on shutdown (GET_VRING_BASE for RX then TX) and close the
-    /// connection. Returns (rx_base, tx_base): the backend's next avail index per ring.
+    /// Stop the selected pair's rings as QEMU does on shutdown (GET_VRING_BASE for RX then TX)
+    /// and close the connection. Returns (rx_base, tx_base): the backend's next avail index per
+    /// ring.
     pub fn stop(mut self) -> (u16, u16) {
         let rx = self
             .try_get_vring_base(Queue::Rx)
