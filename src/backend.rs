@@ -9,8 +9,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use log::{info, warn};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
@@ -18,7 +18,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::affinity;
 use crate::datapath::{EventRegistry, GuestMemory, QueuePair};
+use crate::packet::socket::FanoutHandle;
+use crate::packet::steering;
+use crate::relay::RingSwitch;
 use crate::stats::PairStats;
 use crate::virtio::config_space::NetConfigSpace;
 use crate::virtio::features::{self, Negotiated};
@@ -35,10 +39,70 @@ impl EventRegistry for VringEpollHandler<NetBackend> {
 
 struct Shared {
     pairs: Vec<Mutex<QueuePair>>,
+    /// Which pairs receive. Only the control path takes this lock (the relay and protocol
+    /// threads), always before a pair's; workers never do.
+    steering: Mutex<Steering>,
     features: u64,
     queue_size: usize,
     config: Mutex<NetConfigSpace>,
     acked: AtomicU64,
+    /// `--cpu-affinity`: CPUs for the workers, pair i on `cpus[i % len]`.
+    affinity: Option<Vec<usize>>,
+}
+
+/// The pairs whose RX ring is enabled, and the fanout program that hands frames to them alone.
+struct Steering {
+    /// The pairs' fanout group; `None` with a single pair, which needs none.
+    group: Option<FanoutHandle>,
+    rx_enabled: Vec<bool>,
+    /// The guest acked VIRTIO_NET_F_MQ. Without it the device has one pair (virtio 1.x,
+    /// 5.1.2), whatever the rings' states: a frontend without PROTOCOL_FEATURES has every
+    /// ring enabled, used or not.
+    mq: bool,
+}
+
+impl Steering {
+    /// Records pair `pair`'s RX state and, if the set changed, reprograms the group.
+    fn set(&mut self, pair: usize, enabled: bool) {
+        let Some(slot) = self.rx_enabled.get_mut(pair) else {
+            return;
+        };
+        if std::mem::replace(slot, enabled) == enabled {
+            return;
+        }
+        self.apply();
+    }
+
+    fn set_all(&mut self, enabled: bool) {
+        if self.rx_enabled.iter().all(|&e| e == enabled) {
+            return;
+        }
+        self.rx_enabled.iter_mut().for_each(|e| *e = enabled);
+        self.apply();
+    }
+
+    fn set_mq(&mut self, mq: bool) {
+        if std::mem::replace(&mut self.mq, mq) != mq {
+            self.apply();
+        }
+    }
+
+    fn apply(&self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let enabled: Vec<usize> = (0..self.rx_enabled.len())
+            .filter(|&i| self.rx_enabled[i] && (i == 0 || self.mq))
+            .collect();
+        match group.set_program(&steering::program(&enabled)) {
+            Ok(()) => info!(
+                "receiving on queue pairs {:?} of {}",
+                enabled,
+                self.rx_enabled.len()
+            ),
+            Err(e) => warn!("steering frames to queue pairs {enabled:?}: {e}"),
+        }
+    }
 }
 
 /// The vhost-user net backend. Cloning shares it: one instance serves every connection in turn,
@@ -49,19 +113,32 @@ pub struct NetBackend {
 }
 
 impl NetBackend {
+    /// `group`: the pairs' fanout group, when there is more than one pair. `affinity`: CPUs
+    /// for the workers, pair i on `affinity[i % len]`.
     pub fn new(
         pairs: Vec<QueuePair>,
+        group: Option<FanoutHandle>,
         features: u64,
         queue_size: u16,
         config: NetConfigSpace,
+        affinity: Option<Vec<usize>>,
     ) -> NetBackend {
+        let steering = Steering {
+            group,
+            rx_enabled: vec![false; pairs.len()],
+            mq: false,
+        };
+        // Until a frontend enables a pair, every frame goes to pair 0, as with one pair.
+        steering.apply();
         NetBackend {
             shared: Arc::new(Shared {
                 pairs: pairs.into_iter().map(Mutex::new).collect(),
+                steering: Mutex::new(steering),
                 features,
                 queue_size: queue_size.into(),
                 config: Mutex::new(config),
                 acked: AtomicU64::new(0),
+                affinity,
             }),
         }
     }
@@ -86,14 +163,33 @@ impl NetBackend {
         }
     }
 
+    fn steering(&self) -> MutexGuard<'_, Steering> {
+        self.shared
+            .steering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The frontend went away: forget its memory, rings and registrations.
     pub fn detach(&self) {
+        {
+            let mut steering = self.steering();
+            steering.set_all(false);
+            steering.set_mq(false);
+        }
         for i in 0..self.shared.pairs.len() {
             if let Some(mut p) = self.pair(i) {
                 p.detach();
             }
         }
         self.shared.acked.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether each pair's (RX, TX) rings are enabled.
+    pub fn rings_enabled(&self) -> Vec<(bool, bool)> {
+        (0..self.shared.pairs.len())
+            .filter_map(|i| self.pair(i).map(|p| p.rings_enabled()))
+            .collect()
     }
 
     pub fn stats(&self) -> Vec<PairStats> {
@@ -107,9 +203,44 @@ impl NetBackend {
         self.shared.acked.load(Ordering::Relaxed)
     }
 
+    /// One line per pair, then (with several) one for all of them.
     pub fn log_stats(&self, why: &str) {
-        for (i, s) in self.stats().iter().enumerate() {
+        let stats = self.stats();
+        for (i, s) in stats.iter().enumerate() {
             info!("{why}: queue pair {i}: {s}");
+        }
+        if stats.len() > 1 {
+            let n = stats.len();
+            let total: PairStats = stats.into_iter().sum();
+            info!("{why}: all {n} queue pairs: {total}");
+        }
+    }
+}
+
+impl RingSwitch for NetBackend {
+    fn ring_count(&self) -> u32 {
+        2 * self.shared.pairs.len() as u32
+    }
+
+    fn set_ring_enabled(&self, index: u32, enabled: bool) {
+        let (pair, rx) = (index as usize / 2, index % 2 == 0);
+        debug!(
+            "queue pair {pair}: {} ring {}",
+            if rx { "RX" } else { "TX" },
+            if enabled { "enabled" } else { "disabled" }
+        );
+        // The pair empties its socket when its RX ring changes state. Steering changes around
+        // that: a pair being disabled gets no more frames before, one being enabled gets new
+        // ones only after, so that nothing fresh is thrown away.
+        let mut steering = self.steering();
+        if rx && !enabled {
+            steering.set(pair, false);
+        }
+        if let Some(mut p) = self.pair(pair) {
+            p.set_ring_enabled(rx, enabled);
+        }
+        if rx && enabled {
+            steering.set(pair, true);
         }
     }
 }
@@ -144,6 +275,14 @@ impl VhostUserBackend for NetBackend {
                 if let Err(e) = p.set_features(negotiated) {
                     warn!("queue pair {i}: {e}");
                 }
+            }
+        }
+        self.steering().set_mq(negotiated.mq());
+        // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: every ring is enabled now
+        // (vhost-user-backend does the same with its own flags).
+        if acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            for index in 0..self.ring_count() {
+                self.set_ring_enabled(index, true);
             }
         }
     }
@@ -204,7 +343,8 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker per pair: RX queue 2i and TX queue 2i+1.
+        // One worker per pair: RX queue 2i and TX queue 2i+1 (a u64 mask each, hence at most
+        // 32 pairs, `config::MAX_QUEUE_PAIRS`).
         (0..self.shared.pairs.len())
             .map(|i| 0b11u64 << (2 * i))
             .collect()
@@ -230,6 +370,9 @@ impl VhostUserBackend for NetBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        if let Some(cpus) = &self.shared.affinity {
+            affinity::pin_worker_once(cpus, thread_id);
+        }
         match self.pair(thread_id) {
             Some(mut p) => p.handle_event(device_event, vrings),
             None => Ok(()),

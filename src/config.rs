@@ -94,6 +94,9 @@ impl fmt::Display for MacAddr {
 pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 /// Largest virtqueue size we accept (and offer).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most queue pairs served (`--queues`). vhost-user-backend assigns queues to worker threads
+/// by bit masks of one u64 (`queues_per_thread`), so it serves at most 64 queues: 32 pairs.
+pub const MAX_QUEUE_PAIRS: u16 = 32;
 
 /// The daemon's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +107,11 @@ pub struct Config {
     /// `None`: the interface's MTU.
     pub mtu: Option<u16>,
     pub queue_size: u16,
+    /// RX/TX queue pairs, each with its worker thread and packet socket.
+    pub queue_pairs: u16,
+    /// CPUs the workers run on: pair i on `cpu_affinity[i % len]`; `None`: the scheduler
+    /// decides.
+    pub cpu_affinity: Option<Vec<usize>>,
     pub qdisc_bypass: bool,
     pub promisc: bool,
     /// Let the guest send frames with any source MAC.
@@ -117,6 +125,42 @@ pub struct Config {
     pub user: Option<String>,
 }
 
+/// Parses a CPU list as `taskset -c` and cpusets take it: `0,1`, `0-3`, `0-3,8,10-11`. The
+/// order is kept (pair i runs on the i-th CPU listed); a CPU may appear more than once.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let bad = |why: &str| format!("invalid CPU list '{s}': {why} (expected e.g. 0,1 or 0-3)");
+    let number = |t: &str| -> Result<usize, String> {
+        let t = t.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(&format!("'{t}' is not a CPU number")));
+        }
+        match t.parse::<usize>() {
+            Ok(n) if n < CPU_SETSIZE => Ok(n),
+            _ => Err(bad(&format!("CPU {t} is not below {CPU_SETSIZE}"))),
+        }
+    };
+    let mut cpus = Vec::new();
+    for item in s.split(',') {
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(bad(&format!("range {a}-{b} runs backwards")));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(number(item)?),
+        }
+        if cpus.len() > CPU_SETSIZE {
+            return Err(bad("too many CPUs"));
+        }
+    }
+    Ok(cpus)
+}
+
+/// CPUs a `cpu_set_t` can name.
+pub const CPU_SETSIZE: usize = libc::CPU_SETSIZE as usize;
+
 /// Unvalidated input, as the command line gives it.
 #[derive(Clone, Debug, Default)]
 pub struct RawConfig {
@@ -126,6 +170,8 @@ pub struct RawConfig {
     pub mac: Option<String>,
     pub mtu: Option<u32>,
     pub queue_size: u32,
+    pub queues: u32,
+    pub cpu_affinity: Option<Vec<usize>>,
     pub qdisc_bypass: bool,
     pub promisc: bool,
     pub allow_mac_spoofing: bool,
@@ -190,6 +236,19 @@ impl Config {
                 "--queue-size {q} must be a power of two from 2 to {MAX_QUEUE_SIZE}"
             )));
         }
+        if !(1..=u32::from(MAX_QUEUE_PAIRS)).contains(&raw.queues) {
+            return Err(Error::InvalidArgument(format!(
+                "--queues {} is out of range (1..={MAX_QUEUE_PAIRS})",
+                raw.queues
+            )));
+        }
+        if let Some(cpus) = &raw.cpu_affinity {
+            if cpus.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "--cpu-affinity needs at least one CPU".into(),
+                ));
+            }
+        }
         let socket_mode = crate::privileges::parse_mode(&raw.socket_mode).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "--socket-mode {} is not an octal permission mode like 0660",
@@ -202,6 +261,8 @@ impl Config {
             mac,
             mtu,
             queue_size: q as u16,
+            queue_pairs: raw.queues as u16,
+            cpu_affinity: raw.cpu_affinity,
             qdisc_bypass: raw.qdisc_bypass,
             promisc: raw.promisc,
             allow_mac_spoofing: raw.allow_mac_spoofing,
@@ -226,6 +287,7 @@ mod tests {
             socket: Some("/run/vhost-packet/net0.sock".into()),
             interface: "eth3".into(),
             queue_size: 1024,
+            queues: 1,
             socket_mode: "0600".into(),
             ..Default::default()
         }
@@ -242,6 +304,37 @@ mod tests {
         assert_eq!(c.vnet_header, VnetHeaderMode::Auto);
         assert!(c.mac.is_unicast());
         assert_eq!(c.mac.0[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0,1").unwrap(), [0, 1]);
+        assert_eq!(parse_cpu_list("0-3").unwrap(), [0, 1, 2, 3]);
+        assert_eq!(parse_cpu_list("3,0-1,8").unwrap(), [3, 0, 1, 8]);
+        assert_eq!(parse_cpu_list("5").unwrap(), [5]);
+        assert_eq!(parse_cpu_list("2-2,2").unwrap(), [2, 2]);
+        for (bad, why) in [
+            ("", "'' is not a CPU number"),
+            ("0,", "'' is not a CPU number"),
+            ("a", "'a' is not a CPU number"),
+            ("-1", "'' is not a CPU number"),
+            ("1-", "'' is not a CPU number"),
+            ("3-1", "range 3-1 runs backwards"),
+            ("1024", "CPU 1024 is not below 1024"),
+            ("+1", "'+1' is not a CPU number"),
+            ("0-1023,0", "too many CPUs"),
+        ] {
+            let e = parse_cpu_list(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(e.starts_with(&format!("invalid CPU list '{bad}'")), "{e}");
+        }
+        let c = Config::validate(RawConfig {
+            queues: 4,
+            cpu_affinity: Some(vec![1, 0]),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!((c.queue_pairs, c.cpu_affinity), (4, Some(vec![1, 0])));
     }
 
     #[test]
@@ -293,6 +386,15 @@ mod tests {
             (
                 Box::new(|r| r.queue_size = 2048),
                 "--queue-size 2048 must be a power of two",
+            ),
+            (
+                Box::new(|r| r.queues = 0),
+                "--queues 0 is out of range (1..=32)",
+            ),
+            (Box::new(|r| r.queues = 33), "--queues 33 is out of range"),
+            (
+                Box::new(|r| r.cpu_affinity = Some(vec![])),
+                "--cpu-affinity needs at least one CPU",
             ),
             (Box::new(|r| r.queue_size = 1000), "--queue-size 1000"),
             (

@@ -30,6 +30,14 @@ pub struct Snapshot {
     /// Features the connected frontend acked; `None` when no frontend is connected.
     pub acked_features: Option<u64>,
     pub pairs: Vec<PairStats>,
+    /// Whether each pair's RX and TX rings are enabled (SET_VRING_ENABLE).
+    pub enabled: Vec<(bool, bool)>,
+}
+
+impl Snapshot {
+    fn enabled(&self, pair: usize) -> (bool, bool) {
+        self.enabled.get(pair).copied().unwrap_or_default()
+    }
 }
 
 impl Snapshot {
@@ -57,7 +65,11 @@ impl Snapshot {
             if i > 0 {
                 j.push(',');
             }
-            let _ = write!(j, "{{\"index\":{i}");
+            let (rx_on, tx_on) = self.enabled(i);
+            let _ = write!(
+                j,
+                "{{\"index\":{i},\"rx_enabled\":{rx_on},\"tx_enabled\":{tx_on}"
+            );
             let counters = pair.counters();
             for direction in [Direction::Rx, Direction::Tx] {
                 let _ = write!(j, ",\"{}\":{{", direction.name());
@@ -112,8 +124,29 @@ impl Snapshot {
         for i in 0..self.pairs.len() {
             let _ = write!(t, "{:>16}", format!("pair {i}"));
         }
+        // With several pairs, a last column adds them up.
+        let total = (self.pairs.len() > 1).then(|| self.pairs.iter().copied().sum::<PairStats>());
+        if total.is_some() {
+            let _ = write!(t, "{:>16}", "total");
+        }
         t.push('\n');
-        let rows: Vec<_> = self.pairs.iter().map(PairStats::counters).collect();
+        let _ = write!(t, "{:<28}", "rings enabled");
+        for i in 0..self.pairs.len() {
+            let state = match self.enabled(i) {
+                (true, true) => "rx tx",
+                (true, false) => "rx",
+                (false, true) => "tx",
+                (false, false) => "none",
+            };
+            let _ = write!(t, "{state:>16}");
+        }
+        t.push('\n');
+        let rows: Vec<_> = self
+            .pairs
+            .iter()
+            .chain(total.iter())
+            .map(PairStats::counters)
+            .collect();
         if let Some(first) = rows.first() {
             for (r, c) in first.iter().enumerate() {
                 let label = if c.drop {
@@ -152,6 +185,7 @@ pub fn serve(listener: UnixListener, backend: NetBackend, interface: String, gue
                 guest_mac: guest_mac.clone(),
                 acked_features: Some(backend.acked_features()).filter(|&f| f != 0),
                 pairs: backend.stats(),
+                enabled: backend.rings_enabled(),
             };
             if let Err(e) = answer(conn, &snapshot) {
                 log::debug!("stats request: {e}");
@@ -202,6 +236,7 @@ mod tests {
                 tx_drop_spoofed: 2,
                 ..Default::default()
             }],
+            enabled: vec![(true, false)],
         }
     }
 
@@ -212,7 +247,9 @@ mod tests {
             "{\"interface\":\"eth\\\"3\",\"guest_mac\":\"02:00:00:00:00:01\",\"connected\":true,"
         ));
         assert!(j.contains("\"acked_feature_names\":\"MRG_RXBUF\""));
-        assert!(j.contains("\"rx\":{\"packets\":7,"));
+        assert!(j.contains(
+            "{\"index\":0,\"rx_enabled\":true,\"tx_enabled\":false,\"rx\":{\"packets\":7,"
+        ));
         assert!(j.contains("\"drops\":{\"malformed\":0,\"unnegotiated\":0,\"spoofed\":2,"));
         let names = PairStats::default().counters().len();
         // Every counter but the two set above reads 0, and so does the pair's index.
@@ -227,6 +264,37 @@ mod tests {
         }
         .to_json();
         assert!(none.contains("\"connected\":false,\"acked_features\":null"));
+    }
+
+    #[test]
+    fn several_pairs_are_listed_in_order_with_a_total_in_the_table() {
+        let mut two = snapshot();
+        two.pairs.push(PairStats {
+            rx_packets: 5,
+            ..Default::default()
+        });
+        two.enabled.push((false, false));
+        let j = two.to_json();
+        let first = j
+            .find("{\"index\":0,\"rx_enabled\":true,\"tx_enabled\":false,")
+            .unwrap();
+        let second = j
+            .find("{\"index\":1,\"rx_enabled\":false,\"tx_enabled\":false,\"rx\":{\"packets\":5,")
+            .unwrap();
+        assert!(first < second, "{j}");
+        let t = two.to_table();
+        let words = |prefix: &str| -> Vec<String> {
+            let line = t.lines().find(|l| l.starts_with(prefix)).unwrap();
+            line[28..].split_whitespace().map(str::to_owned).collect()
+        };
+        assert_eq!(words("counter"), ["pair", "0", "pair", "1", "total"]);
+        assert_eq!(words("rings enabled"), ["rx", "none"]);
+        assert_eq!(words("rx packets"), ["7", "5", "12"]);
+        assert_eq!(words("tx drops spoofed"), ["2", "0", "2"]);
+        assert!(
+            !snapshot().to_table().contains("total"),
+            "no total for one pair"
+        );
     }
 
     #[test]

@@ -13,21 +13,20 @@ use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::affinity;
 use crate::backend::NetBackend;
 use crate::config::{Config, Endpoint, VnetHeaderMode};
 use crate::control;
 use crate::datapath::{EventIds, MacPolicy, QueuePair};
 use crate::error::Error;
 use crate::packet::interface::Interface;
-use crate::packet::probe::{probe_uso, UsoSupport};
-use crate::packet::socket::{PacketSocket, SocketOptions, VnetMode};
+use crate::packet::probe::{fanout_ignores_outgoing, probe_uso, UsoSupport};
+use crate::packet::socket::{FanoutHandle, PacketSocket, SocketOptions, VnetMode};
 use crate::privileges;
 use crate::relay::{self, InternalSocket};
 use crate::virtio::config_space::NetConfigSpace;
 use crate::virtio::features::{self, OfferOptions};
 
-/// Queue pairs served. Multiqueue is a configuration change here, not a rewrite.
-const QUEUE_PAIRS: usize = 1;
 /// How often client mode retries while the frontend's socket is absent.
 const CLIENT_RETRY: Duration = Duration::from_millis(200);
 
@@ -47,6 +46,9 @@ impl Daemon {
     /// Opens everything that can fail because of the user's input, so that errors surface
     /// before the daemon starts serving.
     pub fn new(config: Config) -> Result<Daemon, Error> {
+        if let Some(cpus) = &config.cpu_affinity {
+            affinity::check_available(cpus).map_err(Error::InvalidArgument)?;
+        }
         let user = config
             .user
             .as_deref()
@@ -88,14 +90,44 @@ impl Daemon {
             guest_mac: config.mac.0,
             force_legacy_vnet_hdr: config.vnet_header == VnetHeaderMode::Legacy10,
         };
-        let ids = EventIds::for_queue_count(2 * QUEUE_PAIRS);
-        let mut pairs = Vec::with_capacity(QUEUE_PAIRS);
-        for i in 0..QUEUE_PAIRS {
+        let queue_pairs = usize::from(config.queue_pairs);
+        if queue_pairs > 1 {
+            if let Err(why) = fanout_ignores_outgoing() {
+                warn!(
+                    "{why}: PACKET_FANOUT_FLAG_IGNORE_OUTGOING may be ignored, and frames the host sends on {} reach the guest",
+                    config.interface
+                );
+            }
+        }
+        let ids = EventIds::for_queue_count(2 * queue_pairs);
+        let mut pairs = Vec::with_capacity(queue_pairs);
+        // With several pairs their sockets form one fanout group, joined in pair order so that
+        // member i is pair i (the steering program returns member indices).
+        let mut group: Option<(u16, FanoutHandle)> = None;
+        for i in 0..queue_pairs {
             let socket = PacketSocket::open(&iface, &opts)?;
             if i == 0 {
                 match socket.vnet_mode() {
                     VnetMode::Native => info!("packet socket on {}: PACKET_VNET_HDR_SZ (10 or 12 bytes, as the guest negotiates)", config.interface),
                     VnetMode::Legacy10 => info!("packet socket on {}: 10-byte PACKET_VNET_HDR, num_buffers handled in userspace", config.interface),
+                }
+            }
+            if queue_pairs > 1 {
+                match &group {
+                    None => {
+                        let id = socket.join_fanout(None)?;
+                        let handle = socket
+                            .fanout_handle()
+                            .map_err(|e| Error::QueueSetup { pair: i, source: e })?;
+                        info!(
+                            "{} queue pairs: fanout group {id} on {}",
+                            queue_pairs, config.interface
+                        );
+                        group = Some((id, handle));
+                    }
+                    Some((id, _)) => {
+                        socket.join_fanout(Some(*id))?;
+                    }
                 }
             }
             let policy = MacPolicy {
@@ -115,13 +147,21 @@ impl Daemon {
         }
         let offered = features::offered(OfferOptions {
             uso: uso.is_supported(),
+            mq: queue_pairs > 1,
         });
         let space = NetConfigSpace {
             mac: config.mac,
-            max_virtqueue_pairs: QUEUE_PAIRS as u16,
+            max_virtqueue_pairs: config.queue_pairs,
             mtu,
         };
-        let backend = NetBackend::new(pairs, offered, config.queue_size, space);
+        let backend = NetBackend::new(
+            pairs,
+            group.map(|(_, handle)| handle),
+            offered,
+            config.queue_size,
+            space,
+            config.cpu_affinity.clone(),
+        );
 
         let listener = match &config.endpoint {
             Endpoint::Server(path) => Some(bind_socket(path, &config, user.as_ref(), socket_gid)?),
@@ -151,9 +191,11 @@ impl Daemon {
             );
         }
         info!(
-            "serving {} for guest MAC {} (MTU {mtu}, queue size {}, features {})",
+            "serving {} for guest MAC {} (MTU {mtu}, {} queue pair{}, queue size {}, features {})",
             config.interface,
             config.mac,
+            queue_pairs,
+            if queue_pairs == 1 { "" } else { "s" },
             config.queue_size,
             features::describe(offered)
         );
@@ -258,9 +300,10 @@ impl Daemon {
                 return Ok(());
             }
         };
+        let rings = self.backend.clone();
         let relay = thread::Builder::new()
             .name("vhost-user-relay".into())
-            .spawn(move || relay::relay(frontend, handler_side))
+            .spawn(move || relay::relay(frontend, handler_side, &rings))
             .map_err(Error::Internal)?;
         info!("frontend connected");
         match daemon.wait() {

@@ -3,6 +3,7 @@
 //!
 //! See docs/architecture.md for the threads and the life of one RX and one TX packet.
 
+pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod control;

@@ -7,7 +7,7 @@ use std::thread;
 use clap::Parser;
 use log::{error, info};
 
-use vhost_packet::config::{Config, RawConfig, MAX_QUEUE_SIZE};
+use vhost_packet::config::{parse_cpu_list, Config, RawConfig, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE};
 use vhost_packet::daemon::Daemon;
 use vhost_packet::signals::{self, Signal};
 
@@ -61,6 +61,20 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = u32::from(MAX_QUEUE_SIZE))]
     queue_size: u32,
 
+    /// RX/TX queue pairs (1 to 32), each with its own worker thread and packet socket; with
+    /// more than one the guest gets VIRTIO_NET_F_MQ and incoming flows are spread over the
+    /// pairs it enables. Give QEMU `-netdev vhost-user,...,queues=N` and
+    /// `-device virtio-net-pci,...,mq=on`.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_QUEUE_PAIRS)))]
+    queues: u32,
+
+    /// CPUs for the queue pairs' workers, as `taskset -c` takes them (`0,1`, `0-3`): the
+    /// worker of pair i runs on the i-th CPU listed, round robin [default: wherever the
+    /// scheduler puts them].
+    #[arg(long, value_name = "LIST", value_parser = cpu_list)]
+    cpu_affinity: Option<CpuList>,
+
     /// Send with PACKET_QDISC_BYPASS: faster, but skips the interface's qdisc, and GSO frames
     /// the device cannot segment itself are dropped.
     #[arg(long)]
@@ -112,6 +126,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A parsed `--cpu-affinity` (a newtype: clap would take a bare `Vec` for a repeated option).
+#[derive(Clone, Debug)]
+struct CpuList(Vec<usize>);
+
+fn cpu_list(s: &str) -> Result<CpuList, String> {
+    parse_cpu_list(s).map(CpuList)
 }
 
 fn main() -> ExitCode {
@@ -180,6 +202,8 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
         mac: cli.mac,
         mtu: cli.mtu,
         queue_size: cli.queue_size,
+        queues: cli.queues,
+        cpu_affinity: cli.cpu_affinity.map(|l| l.0),
         qdisc_bypass: cli.qdisc_bypass,
         promisc: cli.promisc,
         allow_mac_spoofing: cli.allow_mac_spoofing,

@@ -4,10 +4,19 @@
 //! has negotiated and so before `SET_FEATURES`. vhost 0.18's request handler refuses
 //! `SET_VRING_ENABLE` until PROTOCOL_FEATURES is acked, and a refused message ends the session:
 //! QEMU could never stay connected. The relay passes every message and file descriptor through
-//! unchanged, except such an early `SET_VRING_ENABLE`: it acknowledges it itself when asked to,
-//! and replays the last requested state of each ring right after the `SET_FEATURES` that acks
-//! PROTOCOL_FEATURES. Only control messages pass here; guest memory and eventfds are handed on as
-//! descriptors, never copied.
+//! unchanged, except `SET_VRING_ENABLE`:
+//!
+//! - an early one is acknowledged by the relay itself when asked to, and the last requested
+//!   state of each ring is replayed right after the `SET_FEATURES` that acks PROTOCOL_FEATURES;
+//! - every requested state goes to the backend ([`RingSwitch`]) before the handler sees the
+//!   message, and the handler is always told to *enable* the ring. vhost-user-backend stops
+//!   listening to the kicks of a disabled ring, but the spec wants a started, disabled ring
+//!   processed: "the back-end must not supply any new RX packets, but must process and discard
+//!   any TX packets". So the crate's flag only means "the frontend has spoken about this ring"
+//!   and the backend keeps the real state.
+//!
+//! Only control messages pass here; guest memory and eventfds are handed on as descriptors,
+//! never copied.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -31,6 +40,9 @@ const MAX_PAYLOAD: usize = 0x1000;
 const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
+const REQ_SET_VRING_NUM: u32 = 8;
+const REQ_SET_VRING_KICK: u32 = 12;
+const REQ_SET_VRING_ERR: u32 = 14;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -55,6 +67,13 @@ impl Message {
 
     fn flags(&self) -> u32 {
         self.field(1)
+    }
+
+    /// The `i`-th little-endian u32 of the payload.
+    fn field_at(&self, i: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(
+            self.payload.get(4 * i..4 * i + 4)?.try_into().ok()?,
+        ))
     }
 
     fn u64_payload(&self) -> Option<u64> {
@@ -124,6 +143,15 @@ impl Message {
         writer.write_all(&self.header[sent..])?;
         writer.write_all(&self.payload)
     }
+}
+
+/// Where the relay reports the ring states the frontend asks for.
+pub trait RingSwitch: Send {
+    /// How many rings the device has; requests for others go to the handler, which refuses
+    /// them.
+    fn ring_count(&self) -> u32;
+    /// The frontend enabled or disabled ring `index` (< `ring_count`).
+    fn set_ring_enabled(&self, index: u32, enabled: bool);
 }
 
 /// The private socket the request handler connects to, one hop behind the relay.
@@ -201,7 +229,7 @@ impl Drop for InternalSocket {
 }
 
 /// Relays one connection until either side closes, then closes the other.
-pub fn relay(frontend: UnixStream, handler: UnixStream) -> io::Result<()> {
+pub fn relay(frontend: UnixStream, handler: UnixStream, rings: &dyn RingSwitch) -> io::Result<()> {
     let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
     let handler_reader = handler.try_clone()?;
     let replies = {
@@ -222,11 +250,18 @@ pub fn relay(frontend: UnixStream, handler: UnixStream) -> io::Result<()> {
                 let _ = handler.shutdown(Shutdown::Both);
             })?
     };
-    let result = forward_requests(&frontend, &handler, &to_frontend);
+    let result = forward_requests(&frontend, &handler, &to_frontend, rings);
     let _ = handler.shutdown(Shutdown::Both);
     let _ = frontend.shutdown(Shutdown::Both);
     let _ = replies.join();
     result
+}
+
+/// A `SET_VRING_ENABLE` for the handler: always "enable" (see the module documentation).
+fn enable_for_handler(index: u32, flags: u32) -> Message {
+    let mut payload = index.to_le_bytes().to_vec();
+    payload.extend_from_slice(&1u32.to_le_bytes());
+    Message::new(REQ_SET_VRING_ENABLE, flags, payload)
 }
 
 /// Frontend to handler: requests, with early SET_VRING_ENABLE held back until SET_FEATURES.
@@ -234,17 +269,40 @@ fn forward_requests(
     frontend: &UnixStream,
     handler: &UnixStream,
     to_frontend: &Mutex<UnixStream>,
+    rings: &dyn RingSwitch,
 ) -> io::Result<()> {
     let mut protocol_acked = false;
     // Ring index -> last requested state, in ring order for the replay.
     let mut held: BTreeMap<u32, u32> = BTreeMap::new();
+    let count = rings.ring_count();
+    let mut warned_beyond = false;
     while let Some(msg) = Message::read(frontend)? {
         log::trace!(
             "vhost-user request {} flags {:#x}",
             msg.request(),
             msg.flags()
         );
-        match msg.request() {
+        let request = msg.request();
+        if (REQ_SET_VRING_NUM..=REQ_SET_VRING_ERR).contains(&request)
+            || request == REQ_SET_VRING_ENABLE
+        {
+            // Every ring message starts with the index (the low byte for KICK/CALL/ERR).
+            let index = msg.field_at(0).map(|v| {
+                if (REQ_SET_VRING_KICK..=REQ_SET_VRING_ERR).contains(&request) {
+                    v & 0xff
+                } else {
+                    v
+                }
+            });
+            if let Some(index) = index.filter(|&i| i >= count && !warned_beyond) {
+                warned_beyond = true;
+                log::warn!(
+                    "the frontend addresses ring {index}, but this device has {count} rings ({} queue pairs, --queues): it asks for more queues than served",
+                    count / 2
+                );
+            }
+        }
+        match request {
             REQ_SET_VRING_ENABLE if !protocol_acked && msg.payload.len() >= 8 => {
                 let index = u32::from_le_bytes(msg.payload[0..4].try_into().expect("4 bytes"));
                 let state = u32::from_le_bytes(msg.payload[4..8].try_into().expect("4 bytes"));
@@ -259,16 +317,29 @@ fn forward_requests(
                     ack.write(&to_frontend.lock().unwrap_or_else(|p| p.into_inner()))?;
                 }
             }
+            REQ_SET_VRING_ENABLE if msg.payload.len() >= 8 => {
+                let index = u32::from_le_bytes(msg.payload[0..4].try_into().expect("4 bytes"));
+                let state = u32::from_le_bytes(msg.payload[4..8].try_into().expect("4 bytes"));
+                if index < count {
+                    // Before the handler answers, so that a frontend waiting for the reply
+                    // finds the backend already following the new state.
+                    rings.set_ring_enabled(index, state != 0);
+                    enable_for_handler(index, msg.flags()).write(handler)?;
+                } else {
+                    msg.write(handler)?;
+                }
+            }
             REQ_SET_FEATURES => {
                 let acks_protocol = msg.u64_payload().unwrap_or(0) & PROTOCOL_FEATURES != 0;
                 msg.write(handler)?;
                 if acks_protocol && !protocol_acked {
                     protocol_acked = true;
                     for (index, state) in std::mem::take(&mut held) {
-                        let mut payload = index.to_le_bytes().to_vec();
-                        payload.extend_from_slice(&state.to_le_bytes());
+                        if index < count {
+                            rings.set_ring_enabled(index, state != 0);
+                        }
                         // No NEED_REPLY: the frontend was already answered.
-                        Message::new(REQ_SET_VRING_ENABLE, FLAG_VERSION, payload).write(handler)?;
+                        enable_for_handler(index, FLAG_VERSION).write(handler)?;
                     }
                 }
             }
@@ -286,6 +357,37 @@ mod tests {
         UnixStream::pair().unwrap()
     }
 
+    /// Records what the relay reports, for a device of `rings` rings.
+    struct Recorder {
+        rings: u32,
+        calls: Record,
+    }
+
+    impl RingSwitch for Recorder {
+        fn ring_count(&self) -> u32 {
+            self.rings
+        }
+
+        fn set_ring_enabled(&self, index: u32, enabled: bool) {
+            self.calls.lock().unwrap().push((index, enabled));
+        }
+    }
+
+    type Record = Arc<Mutex<Vec<(u32, bool)>>>;
+
+    /// Runs the relay on its own thread; returns it and the switch's record.
+    fn spawn_relay(
+        front: UnixStream,
+        back: UnixStream,
+    ) -> (thread::JoinHandle<io::Result<()>>, Record) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let rec = Recorder {
+            rings: 4,
+            calls: Arc::clone(&calls),
+        };
+        (thread::spawn(move || relay(front, back, &rec)), calls)
+    }
+
     fn enable(index: u32, state: u32, flags: u32) -> Message {
         let mut p = index.to_le_bytes().to_vec();
         p.extend_from_slice(&state.to_le_bytes());
@@ -296,7 +398,7 @@ mod tests {
     fn early_vring_enable_is_acked_held_and_replayed_after_set_features() {
         let (qemu, relay_front) = pair();
         let (relay_back, handler) = pair();
-        let t = thread::spawn(move || relay(relay_front, relay_back));
+        let (t, calls) = spawn_relay(relay_front, relay_back);
 
         // Early enables, one asking for a reply; then a message with a descriptor.
         enable(0, 1, FLAG_VERSION | FLAG_NEED_REPLY)
@@ -321,7 +423,10 @@ mod tests {
             "passed through with its descriptor"
         );
 
-        // SET_FEATURES with PROTOCOL_FEATURES: forwarded, then the held states in ring order.
+        assert!(calls.lock().unwrap().is_empty(), "nothing reported early");
+
+        // SET_FEATURES with PROTOCOL_FEATURES: forwarded, then the held states in ring order:
+        // reported to the switch, and the handler told to enable each ring.
         Message::new(
             REQ_SET_FEATURES,
             FLAG_VERSION,
@@ -331,21 +436,31 @@ mod tests {
         .unwrap();
         let got = Message::read(&handler).unwrap().unwrap();
         assert_eq!(got.request(), REQ_SET_FEATURES);
-        for (index, state) in [(0u32, 0u32), (1, 1)] {
+        for index in [0u32, 1] {
             let got = Message::read(&handler).unwrap().unwrap();
             assert_eq!(
                 (got.request(), got.flags()),
                 (REQ_SET_VRING_ENABLE, FLAG_VERSION)
             );
             assert_eq!(got.payload[..4], index.to_le_bytes());
-            assert_eq!(got.payload[4..8], state.to_le_bytes());
+            assert_eq!(got.payload[4..8], 1u32.to_le_bytes());
         }
-        // Later enables pass straight through, and replies flow back.
+        assert_eq!(*calls.lock().unwrap(), [(0, false), (1, true)]);
+
+        // Later requests are reported before the handler gets them, as "enable", with the
+        // frontend's flags; replies flow back.
         enable(1, 0, FLAG_VERSION | FLAG_NEED_REPLY)
             .write(&qemu)
             .unwrap();
         let got = Message::read(&handler).unwrap().unwrap();
         assert_eq!(got.flags(), FLAG_VERSION | FLAG_NEED_REPLY);
+        assert_eq!(got.payload[..8], [1, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(calls.lock().unwrap().last(), Some(&(1, false)));
+        // A ring the device does not have passes unchanged, for the handler to refuse.
+        enable(7, 0, FLAG_VERSION).write(&qemu).unwrap();
+        let got = Message::read(&handler).unwrap().unwrap();
+        assert_eq!(got.payload[..8], [7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(calls.lock().unwrap().len(), 3, "not reported");
         Message::new(
             REQ_SET_VRING_ENABLE,
             FLAG_VERSION | FLAG_REPLY,
@@ -386,7 +501,7 @@ mod tests {
     fn oversized_message_ends_the_relay() {
         let (qemu, relay_front) = pair();
         let (relay_back, handler) = pair();
-        let t = thread::spawn(move || relay(relay_front, relay_back));
+        let (t, _) = spawn_relay(relay_front, relay_back);
         let mut m = Message::new(1, FLAG_VERSION, Vec::new());
         m.header[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         m.write(&qemu).unwrap();

@@ -27,6 +27,9 @@ pub struct PairStats {
     pub rx_drop_bad_chain: u64,
     /// recvmsg errors (the kernel could not express a packet's metadata, link down).
     pub rx_drop_kernel: u64,
+    /// Frames queued for this pair when the frontend disabled its RX ring, thrown away so
+    /// that they do not arrive late, after frames of the same flows on other pairs.
+    pub rx_drop_disabled: u64,
     pub rx_notifications: u64,
     pub rx_kicks: u64,
 
@@ -44,10 +47,81 @@ pub struct PairStats {
     pub tx_drop_oversize: u64,
     /// Other send errors: EINVAL (bad header), ENOBUFS (device dropped), ENETDOWN, ...
     pub tx_drop_kernel: u64,
+    /// Chains the guest put on a disabled TX ring: consumed and given back unsent.
+    pub tx_drop_disabled: u64,
     /// Times the socket pushed back (EAGAIN) and TX waited for room.
     pub tx_backpressure: u64,
     pub tx_notifications: u64,
     pub tx_kicks: u64,
+}
+
+impl std::ops::AddAssign for PairStats {
+    fn add_assign(&mut self, o: PairStats) {
+        // Destructured without `..`: a new counter must be added here to compile.
+        let PairStats {
+            rx_packets,
+            rx_bytes,
+            rx_gso,
+            rx_multi_buffer,
+            rx_csum_completed,
+            rx_segmented,
+            rx_drop_oversize,
+            rx_drop_no_buffers,
+            rx_drop_offload,
+            rx_drop_bad_chain,
+            rx_drop_kernel,
+            rx_drop_disabled,
+            rx_notifications,
+            rx_kicks,
+            tx_packets,
+            tx_bytes,
+            tx_gso,
+            tx_drop_malformed,
+            tx_drop_unnegotiated,
+            tx_drop_spoofed,
+            tx_drop_oversize,
+            tx_drop_kernel,
+            tx_drop_disabled,
+            tx_backpressure,
+            tx_notifications,
+            tx_kicks,
+        } = o;
+        self.rx_packets += rx_packets;
+        self.rx_bytes += rx_bytes;
+        self.rx_gso += rx_gso;
+        self.rx_multi_buffer += rx_multi_buffer;
+        self.rx_csum_completed += rx_csum_completed;
+        self.rx_segmented += rx_segmented;
+        self.rx_drop_oversize += rx_drop_oversize;
+        self.rx_drop_no_buffers += rx_drop_no_buffers;
+        self.rx_drop_offload += rx_drop_offload;
+        self.rx_drop_bad_chain += rx_drop_bad_chain;
+        self.rx_drop_kernel += rx_drop_kernel;
+        self.rx_drop_disabled += rx_drop_disabled;
+        self.rx_notifications += rx_notifications;
+        self.rx_kicks += rx_kicks;
+        self.tx_packets += tx_packets;
+        self.tx_bytes += tx_bytes;
+        self.tx_gso += tx_gso;
+        self.tx_drop_malformed += tx_drop_malformed;
+        self.tx_drop_unnegotiated += tx_drop_unnegotiated;
+        self.tx_drop_spoofed += tx_drop_spoofed;
+        self.tx_drop_oversize += tx_drop_oversize;
+        self.tx_drop_kernel += tx_drop_kernel;
+        self.tx_drop_disabled += tx_drop_disabled;
+        self.tx_backpressure += tx_backpressure;
+        self.tx_notifications += tx_notifications;
+        self.tx_kicks += tx_kicks;
+    }
+}
+
+impl std::iter::Sum for PairStats {
+    fn sum<I: Iterator<Item = PairStats>>(iter: I) -> PairStats {
+        iter.fold(PairStats::default(), |mut acc, s| {
+            acc += s;
+            acc
+        })
+    }
 }
 
 /// Direction of a counter.
@@ -78,7 +152,7 @@ pub struct Counter {
 
 impl PairStats {
     /// Every counter, in the order logs and tables show them.
-    pub fn counters(&self) -> [Counter; 24] {
+    pub fn counters(&self) -> [Counter; 26] {
         use Direction::{Rx, Tx};
         let c = |direction, name, drop, value| Counter {
             direction,
@@ -100,6 +174,7 @@ impl PairStats {
             c(Rx, "offload", true, self.rx_drop_offload),
             c(Rx, "bad_chain", true, self.rx_drop_bad_chain),
             c(Rx, "kernel", true, self.rx_drop_kernel),
+            c(Rx, "disabled", true, self.rx_drop_disabled),
             c(Tx, "packets", false, self.tx_packets),
             c(Tx, "bytes", false, self.tx_bytes),
             c(Tx, "gso", false, self.tx_gso),
@@ -111,6 +186,7 @@ impl PairStats {
             c(Tx, "spoofed", true, self.tx_drop_spoofed),
             c(Tx, "oversize", true, self.tx_drop_oversize),
             c(Tx, "kernel", true, self.tx_drop_kernel),
+            c(Tx, "disabled", true, self.tx_drop_disabled),
         ]
     }
 }
@@ -210,10 +286,56 @@ mod tests {
         assert_eq!(
             s,
             "rx packets=1 bytes=0 gso=0 multi_buffer=0 csum_completed=0 segmented=0 notifications=0 kicks=0 \
-             drops[oversize=0 no_buffers=0 offload=0 bad_chain=0 kernel=2]; \
+             drops[oversize=0 no_buffers=0 offload=0 bad_chain=0 kernel=2 disabled=0]; \
              tx packets=0 bytes=0 gso=0 backpressure=0 notifications=0 kicks=3 \
-             drops[malformed=0 unnegotiated=0 spoofed=4 oversize=0 kernel=0]"
+             drops[malformed=0 unnegotiated=0 spoofed=4 oversize=0 kernel=0 disabled=0]"
         );
+    }
+
+    #[test]
+    fn totals_add_every_counter() {
+        let one = PairStats {
+            rx_packets: 1,
+            rx_drop_disabled: 2,
+            tx_kicks: 3,
+            ..Default::default()
+        };
+        let total: PairStats = [one, one, PairStats::default()].into_iter().sum();
+        for (t, o) in total.counters().iter().zip(one.counters()) {
+            assert_eq!(t.value, 2 * o.value, "{}", t.name);
+        }
+        // Every counter takes part: set each one alone and see it in the total.
+        let ones = PairStats::default().counters().len();
+        let mut all = PairStats::default();
+        all += PairStats {
+            rx_packets: 1,
+            rx_bytes: 1,
+            rx_gso: 1,
+            rx_multi_buffer: 1,
+            rx_csum_completed: 1,
+            rx_segmented: 1,
+            rx_drop_oversize: 1,
+            rx_drop_no_buffers: 1,
+            rx_drop_offload: 1,
+            rx_drop_bad_chain: 1,
+            rx_drop_kernel: 1,
+            rx_drop_disabled: 1,
+            rx_notifications: 1,
+            rx_kicks: 1,
+            tx_packets: 1,
+            tx_bytes: 1,
+            tx_gso: 1,
+            tx_drop_malformed: 1,
+            tx_drop_unnegotiated: 1,
+            tx_drop_spoofed: 1,
+            tx_drop_oversize: 1,
+            tx_drop_kernel: 1,
+            tx_drop_disabled: 1,
+            tx_backpressure: 1,
+            tx_notifications: 1,
+            tx_kicks: 1,
+        };
+        assert_eq!(all.counters().iter().filter(|c| c.value == 1).count(), ones);
     }
 
     #[test]
@@ -225,6 +347,8 @@ mod tests {
         }
         .to_string();
         assert!(s.starts_with("rx packets=3 "));
-        assert!(s.contains("kernel=2]"));
+        assert!(s.contains(" kernel=2 disabled=0]"));
+        let names = PairStats::default().counters().len();
+        assert_eq!(s.matches('=').count(), names, "{s}");
     }
 }

@@ -296,6 +296,8 @@ fn help_lists_every_option_and_version_prints_it() {
         "--mac",
         "--mtu",
         "--queue-size",
+        "--queues",
+        "--cpu-affinity",
         "--qdisc-bypass",
         "--promisc",
         "--vnet-hdr",
@@ -557,6 +559,68 @@ fn bad_queue_size_is_one_line() {
             &[&format!("--queue-size {q}"), "power of two"],
         );
     }
+}
+
+#[test]
+fn bad_queue_count_is_a_one_line_usage_error() {
+    let dir = TempDir::new("queues");
+    let sock = dir.join("x.sock");
+    for (q, why) in [
+        ("0", "0 is not in 1..=32"),
+        ("33", "33 is not in 1..=32"),
+        ("two", "invalid digit"),
+        ("1.5", "invalid digit"),
+    ] {
+        let out = vhost_packet(&[
+            "--socket",
+            s(&sock),
+            "--interface",
+            "nosuch0",
+            "--queues",
+            q,
+        ]);
+        let line = one_line_error(&out);
+        assert_eq!(out.status.code(), Some(2), "a usage error: {line}");
+        assert_mentions(line, &["--queues", why]);
+    }
+}
+
+#[test]
+fn bad_cpu_affinity_is_one_line() {
+    let dir = TempDir::new("cpus");
+    let sock = dir.join("x.sock");
+    let run = |list: &str| {
+        vhost_packet(&[
+            "--socket",
+            s(&sock),
+            "--interface",
+            "nosuch0",
+            "--cpu-affinity",
+            list,
+        ])
+    };
+    // Not a CPU list: a usage error.
+    for (list, why) in [
+        ("a", "'a' is not a CPU number"),
+        ("3-1", "range 3-1 runs backwards"),
+        ("0,,1", "'' is not a CPU number"),
+        ("4096", "CPU 4096 is not below 1024"),
+    ] {
+        let out = run(list);
+        let line = one_line_error(&out);
+        assert_eq!(out.status.code(), Some(2), "a usage error: {line}");
+        assert_mentions(line, &["--cpu-affinity", list, why]);
+    }
+    // A CPU this process may not use: refused before anything is opened.
+    let out = run("1023");
+    let line = one_line_error(&out);
+    assert_mentions(
+        line,
+        &[
+            "--cpu-affinity",
+            "CPU 1023 is not available to this process",
+        ],
+    );
 }
 
 #[test]

@@ -1236,3 +1236,107 @@ fn guests_receive_only_their_own_broadcast_and_multicast_frames_unless_promisc()
         );
     }
 }
+
+/// Frames on a peer capture socket that satisfy `want`, until `window` passes.
+fn capture_all(
+    sock: &PacketSocket,
+    window: Duration,
+    mut want: impl FnMut(&[u8]) -> bool,
+) -> Vec<Vec<u8>> {
+    let deadline = std::time::Instant::now() + window;
+    let mut buf = vec![0u8; 70000];
+    let mut out = Vec::new();
+    while std::time::Instant::now() < deadline {
+        match sock.recv_vectored(&mut [std::io::IoSliceMut::new(&mut buf)]) {
+            Ok(r) => {
+                let frame = &buf[12..r.len.min(buf.len())];
+                if want(frame) {
+                    out.push(frame.to_vec());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => panic!("capture: {e}"),
+        }
+    }
+    out
+}
+
+/// An experimental-EtherType frame whose first four payload bytes are `marker`.
+fn marked(dst: [u8; 6], src: [u8; 6], marker: u32) -> Vec<u8> {
+    let mut payload = marker.to_be_bytes().to_vec();
+    payload.extend_from_slice(&pattern(60, marker));
+    ethernet(dst, src, ETH_EXPERIMENTAL, &payload)
+}
+
+fn marker(frame: &[u8]) -> Option<u32> {
+    (frame.len() >= 18 && frame[12..14] == ETH_EXPERIMENTAL.to_be_bytes())
+        .then(|| u32::from_be_bytes([frame[14], frame[15], frame[16], frame[17]]))
+}
+
+#[test]
+fn a_disabled_pair_receives_nothing_and_discards_what_the_guest_sends() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    ping(&mut fe, rig.peer_mac, 1);
+    let cap = peer_socket(&rig);
+    let sent_before = rig.daemon.stats()["tx.packets"];
+
+    fe.set_pair_enabled(0, false);
+    // TX on the disabled ring: every chain comes back, nothing leaves.
+    let h = plain_header(&fe);
+    for m in 0..5 {
+        fe.send(
+            &h,
+            &marked(rig.peer_mac, GUEST_MAC, 0x100 + m),
+            TxLayout::Combined,
+        );
+    }
+    fe.kick_tx();
+    assert_eq!(fe.wait_tx_used(5, T).len(), 5, "the chains are consumed");
+    // RX: what the peer sends meanwhile is not delivered.
+    for m in 0..3 {
+        let f = marked(GUEST_MAC, rig.peer_mac, 0x200 + m);
+        cap.send_vectored(&[std::io::IoSlice::new(&[0u8; 12]), std::io::IoSlice::new(&f)])
+            .unwrap();
+    }
+    let leaked = capture_all(&cap, Duration::from_millis(300), |f| marker(f).is_some());
+    assert!(
+        leaked.is_empty(),
+        "frames of a disabled pair left: {leaked:?}"
+    );
+    assert!(
+        fe.recv(Duration::from_millis(300)).is_none(),
+        "delivered while disabled"
+    );
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.drops.disabled"], 5, "{s:?}");
+    assert_eq!(s["tx.packets"], sent_before, "{s:?}");
+
+    // Enabled again: what came while it was off is thrown away, new traffic flows.
+    fe.set_pair_enabled(0, true);
+    let fresh = marked(GUEST_MAC, rig.peer_mac, 0x300);
+    cap.send_vectored(&[
+        std::io::IoSlice::new(&[0u8; 12]),
+        std::io::IoSlice::new(&fresh),
+    ])
+    .unwrap();
+    let p = recv_matching(&mut fe, |f| marker(f).is_some()).expect("traffic after enabling");
+    assert_eq!(
+        marker(&p.frame),
+        Some(0x300),
+        "the first frame is the fresh one"
+    );
+    ping(&mut fe, rig.peer_mac, 2);
+    let s = rig.daemon.stats();
+    assert!(s["rx.drops.disabled"] >= 3, "{s:?}");
+    send_frame(&mut fe, &h, &marked(rig.peer_mac, GUEST_MAC, 0x400));
+    assert_eq!(
+        capture_all(&cap, Duration::from_millis(300), |f| marker(f).is_some())
+            .iter()
+            .map(|f| marker(f))
+            .collect::<Vec<_>>(),
+        [Some(0x400)]
+    );
+}

@@ -81,6 +81,11 @@ pub struct QueuePair {
     registry: Option<Weak<dyn EventRegistry>>,
     rx_armed: bool,
     tx_armed: bool,
+    /// The frontend's SET_VRING_ENABLE state of each ring. vhost-user-backend's own flag is
+    /// kept set once the frontend said anything (see `relay.rs`), so that kicks of a disabled
+    /// TX ring still reach us: its chains must be consumed and discarded.
+    rx_enabled: bool,
+    tx_enabled: bool,
     mem: Option<GuestMemory>,
     features: Negotiated,
     rx: RxPath,
@@ -91,6 +96,11 @@ pub struct QueuePair {
     rx_broken: bool,
     tx_broken: bool,
 }
+
+/// Most frames thrown away at once when an RX ring is disabled. With one pair nothing steers
+/// frames away from its socket, so under a flood the queue would never end; what is left is
+/// dropped by the kernel once the socket buffer is full, as for any pair without buffers.
+const DISCARD_LIMIT: usize = 1 << 16;
 
 /// A ring whose avail index is more than a queue size ahead of what was consumed cannot be
 /// used (virtio-queue refuses every chain, yet keeps reporting work: a busy loop otherwise).
@@ -123,6 +133,8 @@ impl QueuePair {
             registry: None,
             rx_armed: false,
             tx_armed: false,
+            rx_enabled: false,
+            tx_enabled: false,
             mem: None,
             features: Negotiated::default(),
             rx: RxPath::default(),
@@ -181,6 +193,8 @@ impl QueuePair {
         }
         self.mem = None;
         self.features = Negotiated::default();
+        self.rx_enabled = false;
+        self.tx_enabled = false;
         self.rx_broken = false;
         self.tx_broken = false;
         self.rx.reset();
@@ -206,6 +220,40 @@ impl QueuePair {
     pub fn set_features(&mut self, features: Negotiated) -> Result<(), PacketError> {
         self.features = features;
         self.socket.set_vnet_header_len(features.header_len())
+    }
+
+    /// The frontend enabled or disabled one of this pair's rings (SET_VRING_ENABLE, or all of
+    /// them at SET_FEATURES without PROTOCOL_FEATURES).
+    ///
+    /// A disabled RX ring gets no frames: the socket is no longer polled, and what it holds
+    /// when the ring is disabled or enabled again is thrown away (counted). Frames that came
+    /// while the ring was off are not for the guest (a disabled NIC queue drops them), and
+    /// the first could otherwise arrive after later frames of the same flows that the fanout
+    /// handed to other pairs meanwhile. A disabled TX ring is drained and its chains
+    /// discarded, now and on every kick. Enabling either direction lets the worker look at
+    /// once, so nothing waits for the next kick. Repeating the current state changes nothing.
+    pub fn set_ring_enabled(&mut self, rx: bool, enabled: bool) {
+        if rx {
+            if std::mem::replace(&mut self.rx_enabled, enabled) != enabled {
+                let n = self.socket.discard_queued(DISCARD_LIMIT);
+                self.stats.rx_drop_disabled += n as u64;
+            }
+            if enabled {
+                self.arm_rx();
+            } else {
+                self.disarm_rx();
+            }
+        } else {
+            self.tx_enabled = enabled;
+            if let Err(e) = self.resched.write(1) {
+                warn!("queue pair {}: waking the worker: {e}", self.index);
+            }
+        }
+    }
+
+    /// Whether the frontend has the RX and TX rings enabled.
+    pub fn rings_enabled(&self) -> (bool, bool) {
+        (self.rx_enabled, self.tx_enabled)
     }
 
     /// GET_VRING_BASE stopped one of our rings. Nothing is staged between passes (every pass
@@ -255,7 +303,7 @@ impl QueuePair {
         };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
+        if !state.get_queue().ready() || !state.is_enabled() || !self.rx_enabled {
             drop(state);
             self.disarm_rx();
             return Ok(());
@@ -315,7 +363,15 @@ impl QueuePair {
         };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() || self.tx_armed {
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(());
+        }
+        if !self.tx_enabled {
+            drop(state);
+            self.disarm_tx();
+            return self.discard_tx(vring);
+        }
+        if self.tx_armed {
             return Ok(());
         }
         loop {
@@ -361,6 +417,46 @@ impl QueuePair {
                 }
             }
         }
+    }
+
+    /// Consumes and discards what the guest put on its disabled TX ring.
+    fn discard_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = self.mem.as_ref() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        if ring_broken(state.get_queue(), &mem) {
+            if !std::mem::replace(&mut self.tx_broken, true) {
+                self.stats.tx_drop_malformed += 1;
+                warn!("queue pair {}: the guest broke its TX ring (avail index beyond the queue); not using it until it is put right", self.index);
+            }
+            return Ok(());
+        }
+        self.tx_broken = false;
+        let _ = state.get_queue_mut().disable_notification(&*mem);
+        let pass = self.tx.discard(&mut TxContext {
+            queue: state.get_queue_mut(),
+            mem: &mem,
+            socket: &self.socket,
+            features: self.features,
+            stats: &mut self.stats,
+            source_mac: None,
+        });
+        if pass.notify {
+            state.signal_used_queue()?;
+        }
+        if pass.outcome == TxOutcome::Budget {
+            self.resched.write(1)?;
+        } else if state
+            .get_queue_mut()
+            .enable_notification(&*mem)
+            .unwrap_or(false)
+        {
+            // The guest added chains while notifications were off: come back for them.
+            self.resched.write(1)?;
+        }
+        Ok(())
     }
 
     fn registry(&self) -> Option<std::sync::Arc<dyn EventRegistry>> {

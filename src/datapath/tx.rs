@@ -120,20 +120,7 @@ impl TxPath {
             let (popped, unsent) = self.send_batch(ctx, &mut used);
             ctx.queue
                 .set_next_avail(ctx.queue.next_avail().wrapping_sub(unsent as u16));
-            match used.publish(ctx.mem) {
-                Ok(true) => {
-                    let n = used.needs_notification(
-                        ctx.mem,
-                        ctx.features.event_idx(),
-                        &mut self.notify,
-                    );
-                    ctx.stats.tx_notifications += u64::from(n);
-                    notify |= n;
-                }
-                Ok(false) => {}
-                Err(e) => self.log(format_args!("TX: {e}")),
-            }
-            ctx.queue.set_next_used(used.next_used());
+            notify |= self.publish(ctx, &mut used);
             if unsent > 0 {
                 ctx.stats.tx_backpressure += 1;
                 outcome = TxOutcome::Blocked;
@@ -145,6 +132,52 @@ impl TxPath {
             }
         }
         TxPass { outcome, notify }
+    }
+
+    /// A disabled ring (vhost-user: started but disabled, "process and discard any TX
+    /// packets"): every chain the guest made available is given back unsent and counted in
+    /// `tx_drop_disabled`; nothing reaches the socket. At most one ring's worth per pass, so a
+    /// guest that keeps adding cannot hold the worker.
+    pub fn discard(&mut self, ctx: &mut TxContext<'_>) -> TxPass {
+        let size = ctx.queue.size();
+        let addrs = RingAddrs {
+            avail: GuestAddress(ctx.queue.avail_ring()),
+            used: GuestAddress(ctx.queue.used_ring()),
+            size,
+        };
+        let mut used = UsedRing::new(addrs, ctx.queue.next_used());
+        let mut outcome = TxOutcome::Budget;
+        for _ in 0..size {
+            let Some(desc_chain) = ctx.queue.pop_descriptor_chain(ctx.mem) else {
+                outcome = TxOutcome::Drained;
+                break;
+            };
+            let head = desc_chain.head_index();
+            if head >= size {
+                ctx.stats.tx_drop_malformed += 1;
+                continue;
+            }
+            let _ = used.push(ctx.mem, head, 0);
+            ctx.stats.tx_drop_disabled += 1;
+        }
+        let notify = self.publish(ctx, &mut used);
+        TxPass { outcome, notify }
+    }
+
+    /// Makes the pushed used elements visible; returns whether the guest wants an interrupt.
+    fn publish(&mut self, ctx: &mut TxContext<'_>, used: &mut UsedRing) -> bool {
+        let mut notify = false;
+        match used.publish(ctx.mem) {
+            Ok(true) => {
+                notify =
+                    used.needs_notification(ctx.mem, ctx.features.event_idx(), &mut self.notify);
+                ctx.stats.tx_notifications += u64::from(notify);
+            }
+            Ok(false) => {}
+            Err(e) => self.log(format_args!("TX: {e}")),
+        }
+        ctx.queue.set_next_used(used.next_used());
+        notify
     }
 
     /// Pops, checks and sends one batch. Returns (chains popped, chains left unsent by EAGAIN).

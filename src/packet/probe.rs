@@ -166,6 +166,21 @@ fn uso_probe_packet(vnet_len: usize) -> Vec<u8> {
     p
 }
 
+/// `PACKET_FANOUT_FLAG_IGNORE_OUTGOING` works since Linux 6.2. Older kernels accept the flag
+/// and ignore it, so setting it tells nothing.
+const FANOUT_IGNORE_OUTGOING_MIN_KERNEL: (u32, u32) = (6, 2);
+
+/// Whether the running kernel keeps outgoing frames from a fanout group with
+/// `PACKET_FANOUT_FLAG_IGNORE_OUTGOING`, by its release: `Err` says why not or why unknown.
+pub fn fanout_ignores_outgoing() -> Result<(), String> {
+    let release = kernel_release().map_err(|e| format!("uname failed: {e}"))?;
+    match parse_release(&release) {
+        Some(v) if v >= FANOUT_IGNORE_OUTGOING_MIN_KERNEL => Ok(()),
+        Some(_) => Err(format!("kernel {release} is older than 6.2")),
+        None => Err(format!("cannot parse kernel release {release:?}")),
+    }
+}
+
 fn by_kernel_release(why_no_probe: &str) -> UsoSupport {
     let release = match kernel_release() {
         Ok(r) => r,

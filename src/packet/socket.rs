@@ -643,6 +643,153 @@ impl PacketSocket {
         let snd = getsockopt_int(self.fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF)?;
         Ok((rcv.max(0) as usize, snd.max(0) as usize))
     }
+
+    /// Joins fanout group `group` on this socket's interface, or with `None` creates one with
+    /// an id the kernel picks among those unused in this network namespace
+    /// (`PACKET_FANOUT_FLAG_UNIQUEID`). Returns the group's id, for the other members.
+    ///
+    /// A fixed id, or one derived from the pid and the interface, could be the id of another
+    /// program's group of the same kind on the same interface; joining it would split both
+    /// programs' traffic between them. A kernel-picked id cannot collide.
+    ///
+    /// The group is `PACKET_FANOUT_CBPF` (the program comes later, see
+    /// [`PacketSocket::set_fanout_program`]; until then every frame goes to the first member)
+    /// with `PACKET_FANOUT_FLAG_IGNORE_OUTGOING`: once in a group, a member's own
+    /// `PACKET_IGNORE_OUTGOING` no longer applies (the group's hook receives for all members),
+    /// so without the flag whatever the host, another socket or a software-segmented GSO frame
+    /// of ours sends on the interface would reach a guest. The flag is honoured since Linux 6.2;
+    /// older kernels accept and ignore it. Never `PACKET_FANOUT_FLAG_DEFRAG`: it reassembles IP
+    /// fragments into datagrams larger than the MTU, which a guest would get as one frame it
+    /// never asked for.
+    ///
+    /// Members keep their place in join order (the kernel also re-adds them in creation order
+    /// after the interface goes down and up). A socket leaves its group only when it is closed.
+    pub fn join_fanout(&self, group: Option<u16>) -> Result<u16, PacketError> {
+        let unique = if group.is_none() {
+            libc::PACKET_FANOUT_FLAG_UNIQUEID
+        } else {
+            0
+        };
+        let type_flags =
+            libc::PACKET_FANOUT_CBPF | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING | unique;
+        // `id | type_flags << 16`; without DEFRAG (0x8000) it stays below i32::MAX.
+        let value = (u32::from(group.unwrap_or(0)) | (type_flags << 16)) as c_int;
+        let err = |source| PacketError::SetOption {
+            iface: self.iface_name.clone(),
+            option: "PACKET_FANOUT",
+            value,
+            source,
+        };
+        setsockopt_int(
+            self.fd.as_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT,
+            value,
+        )
+        .map_err(err)?;
+        match self.fanout_group() {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err(err(io::Error::other(
+                "the kernel reports no fanout group after joining one",
+            ))),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// The id of the fanout group this socket is in, if any (`getsockopt(PACKET_FANOUT)`).
+    pub fn fanout_group(&self) -> io::Result<Option<u16>> {
+        let v = getsockopt_int(self.fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT)?;
+        // id in bits 0..16, type in 16..24, flags in 24..32; 0 when in no group.
+        Ok((v != 0).then_some((v as u32 & 0xffff) as u16))
+    }
+
+    /// Replaces the program of this socket's fanout group (`PACKET_FANOUT_DATA`; the kernel
+    /// swaps it atomically for all members). Its result is the index of the member, in join
+    /// order, that gets the frame.
+    pub fn set_fanout_program(&self, program: &[libc::sock_filter]) -> Result<(), PacketError> {
+        set_fanout_program(self.fd.as_fd(), &self.iface_name, program)
+    }
+
+    /// A handle on this socket's fanout group, to change its program from another thread
+    /// without sharing the socket (a duplicate of the descriptor).
+    pub fn fanout_handle(&self) -> io::Result<FanoutHandle> {
+        Ok(FanoutHandle {
+            fd: self.fd.try_clone()?,
+            iface_name: self.iface_name.clone(),
+        })
+    }
+
+    /// Receives and discards up to `max` queued frames without blocking; returns how many.
+    /// Stops early at an empty queue or any error (a pending `ENETDOWN`, ...).
+    pub fn discard_queued(&self, max: usize) -> usize {
+        // Larger than any vnet header (a smaller buffer fails with EINVAL); frames are cut.
+        let mut scratch = [0u8; 64];
+        let mut n = 0;
+        while n < max {
+            match self.recv_vectored(&mut [IoSliceMut::new(&mut scratch)]) {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        log::debug!("{}: discarding queued frames: {e}", self.iface_name);
+                    }
+                    break;
+                }
+            }
+        }
+        n
+    }
+}
+
+/// A duplicate descriptor of a fanout group member, to replace the group's program.
+#[derive(Debug)]
+pub struct FanoutHandle {
+    fd: OwnedFd,
+    iface_name: String,
+}
+
+impl FanoutHandle {
+    /// See [`PacketSocket::set_fanout_program`].
+    pub fn set_program(&self, program: &[libc::sock_filter]) -> Result<(), PacketError> {
+        set_fanout_program(self.fd.as_fd(), &self.iface_name, program)
+    }
+}
+
+fn set_fanout_program(
+    fd: BorrowedFd<'_>,
+    iface: &str,
+    program: &[libc::sock_filter],
+) -> Result<(), PacketError> {
+    let err = |source| PacketError::SetOption {
+        iface: iface.to_owned(),
+        option: "PACKET_FANOUT_DATA",
+        value: c_int::try_from(program.len()).unwrap_or(c_int::MAX),
+        source,
+    };
+    let len = u16::try_from(program.len()).map_err(|_| {
+        err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a classic BPF program has at most 4096 instructions",
+        ))
+    })?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points at `program`, alive across the call; the kernel copies it and
+    // never writes through the pointer.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT_DATA,
+            (&fprog as *const libc::sock_fprog).cast::<c_void>(),
+            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 impl AsRawFd for PacketSocket {

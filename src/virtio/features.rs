@@ -16,12 +16,21 @@ const fn bit(n: u32) -> u64 {
 pub struct OfferOptions {
     /// The kernel accepts `VIRTIO_NET_HDR_GSO_UDP_L4` on packet sockets.
     pub uso: bool,
+    /// More than one queue pair is served: offer `VIRTIO_NET_F_MQ`.
+    pub mq: bool,
 }
 
 /// The virtio feature bits offered to the frontend.
 ///
 /// Every bit here is honoured by the datapath for whatever subset the guest acks; see
 /// [`Negotiated`]. Nothing whose vhost-user messages vhost 0.18 cannot process is offered.
+///
+/// `VIRTIO_NET_F_MQ` comes with more than one pair; QEMU masks it out of what the guest sees
+/// unless the backend offers it. `VIRTIO_NET_F_CTRL_VQ`, which a guest needs to change the
+/// number of pairs, is never offered: the control queue is the frontend's (QEMU and DPDK's
+/// virtio-user answer it themselves and turn `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` into
+/// `SET_VRING_ENABLE`), and QEMU exposes it without asking the backend (it is not among
+/// the bits QEMU's vhost-user netdev takes from the backend, `user_feature_bits`).
 pub fn offered(opts: OfferOptions) -> u64 {
     let mut f = bit(VIRTIO_F_VERSION_1)
         | bit(VIRTIO_RING_F_EVENT_IDX)
@@ -44,6 +53,9 @@ pub fn offered(opts: OfferOptions) -> u64 {
         f |= bit(VIRTIO_NET_F_HOST_USO)
             | bit(VIRTIO_NET_F_GUEST_USO4)
             | bit(VIRTIO_NET_F_GUEST_USO6);
+    }
+    if opts.mq {
+        f |= bit(VIRTIO_NET_F_MQ);
     }
     f
 }
@@ -85,6 +97,11 @@ impl Negotiated {
 
     pub fn event_idx(&self) -> bool {
         self.has(VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    /// The guest may use more than the first queue pair.
+    pub fn mq(&self) -> bool {
+        self.has(VIRTIO_NET_F_MQ)
     }
 
     /// The header length both sides use: 12 with VERSION_1 or MRG_RXBUF, else 10.
@@ -205,8 +222,14 @@ mod tests {
 
     #[test]
     fn uso_is_offered_only_when_the_kernel_takes_it() {
-        let with = offered(OfferOptions { uso: true });
-        let without = offered(OfferOptions { uso: false });
+        let with = offered(OfferOptions {
+            uso: true,
+            mq: false,
+        });
+        let without = offered(OfferOptions {
+            uso: false,
+            mq: false,
+        });
         let uso = bit(VIRTIO_NET_F_HOST_USO)
             | bit(VIRTIO_NET_F_GUEST_USO4)
             | bit(VIRTIO_NET_F_GUEST_USO6);
@@ -217,12 +240,29 @@ mod tests {
 
     #[test]
     fn nothing_unhandled_is_offered() {
-        let f = offered(OfferOptions { uso: true });
-        // Packed ring, IN_ORDER, control queue, MQ (in virtio features), UFO, NOTIFY_ON_EMPTY and
+        let f = offered(OfferOptions {
+            uso: true,
+            mq: false,
+        });
+        // Packed ring, IN_ORDER, control queue, MQ (with one pair), UFO, NOTIFY_ON_EMPTY and
         // LOG_ALL all need datapath or protocol support we do not have.
         for n in [34, 35, 17, 22, 10, 14, 24, 26] {
             assert_eq!(f & bit(n), 0, "feature bit {n} must not be offered");
         }
+        let mq = offered(OfferOptions {
+            uso: true,
+            mq: true,
+        });
+        assert_eq!(
+            mq,
+            f | bit(VIRTIO_NET_F_MQ),
+            "MQ with several pairs, and only MQ"
+        );
+        assert_eq!(
+            mq & bit(VIRTIO_NET_F_CTRL_VQ),
+            0,
+            "the control queue is the VMM's"
+        );
         let p = offered_protocol();
         assert!(!p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
         assert!(!p.contains(VhostUserProtocolFeatures::LOG_SHMFD));

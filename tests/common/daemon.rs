@@ -17,6 +17,8 @@ pub struct Daemon {
     child: Child,
     pub socket: PathBuf,
     log: PathBuf,
+    /// Queue pairs it serves (`--queues`).
+    pairs: usize,
 }
 
 /// A unique socket path for this process and test.
@@ -95,10 +97,16 @@ impl Daemon {
             .stderr(File::create(&log).expect("create daemon log"))
             .spawn()
             .expect("spawn vhost-packet");
+        let pairs = extra
+            .iter()
+            .position(|a| *a == "--queues")
+            .and_then(|i| extra.get(i + 1))
+            .map_or(1, |n| n.parse().expect("--queues N"));
         Daemon {
             child,
             socket: socket.to_path_buf(),
             log,
+            pairs,
         }
     }
 
@@ -186,19 +194,37 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
     }
 
-    /// Asks for the counters (SIGUSR1) and parses the newest line, e.g. `rx.packets`,
-    /// `rx.drops.oversize`, `tx.drops.kernel`.
+    /// Asks for the counters (SIGUSR1) and returns them summed over all pairs, by name:
+    /// `rx.packets`, `rx.drops.oversize`, `tx.drops.kernel`, ...
     pub fn stats(&self) -> HashMap<String, u64> {
-        let before = self.log().matches("SIGUSR1: queue pair 0:").count();
+        let mut total: HashMap<String, u64> = HashMap::new();
+        for pair in self.stats_by_pair() {
+            for (k, v) in pair {
+                *total.entry(k).or_default() += v;
+            }
+        }
+        total
+    }
+
+    /// Asks for the counters (SIGUSR1) and parses the newest line of each pair.
+    pub fn stats_by_pair(&self) -> Vec<HashMap<String, u64>> {
+        // The pairs' lines come in order: once the last one is there, all are.
+        let last = format!("SIGUSR1: queue pair {}:", self.pairs - 1);
+        let before = self.log().matches(&last).count();
         self.signal(libc::SIGUSR1);
-        self.wait_for_log_count("SIGUSR1: queue pair 0:", before + 1, Duration::from_secs(5));
+        self.wait_for_log_count(&last, before + 1, Duration::from_secs(5));
         let log = self.log();
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("SIGUSR1: queue pair 0:"))
-            .expect("stats line");
-        parse_stats(line)
+        (0..self.pairs)
+            .map(|i| {
+                let tag = format!("SIGUSR1: queue pair {i}:");
+                let line = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains(&tag))
+                    .expect("stats line");
+                parse_stats(line)
+            })
+            .collect()
     }
 
     /// SIGKILL, as a crash would.
@@ -243,7 +269,8 @@ impl Drop for Daemon {
 /// Parses a counters line into `rx.packets`-style keys.
 pub fn parse_stats(line: &str) -> HashMap<String, u64> {
     let mut out = HashMap::new();
-    let body = line.split("queue pair 0: ").nth(1).unwrap_or(line);
+    // `... SIGUSR1: queue pair N: rx packets=...; tx ...`
+    let body = line.find(": rx ").map_or(line, |at| &line[at + 2..]);
     for section in body.split("; ") {
         let mut words = section.split_whitespace();
         let Some(dir) = words.next() else { continue };

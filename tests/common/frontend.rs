@@ -19,7 +19,11 @@
 //!   .backend_features() -> u64                     GET_FEATURES (cached)
 //!   .backend_protocol_features() -> u64            GET_PROTOCOL_FEATURES (0 if PROTOCOL_FEATURES not offered)
 //!   .set_wanted_protocol_features(u64)             before start; default MQ|REPLY_ACK|CONFIG|CONFIGURE_MEM_SLOTS
+//!   .set_without_protocol_features()               before start; a frontend that never acks PROTOCOL_FEATURES
 //!   .set_ring_base(u16)                            before start; initial avail/used index (test 16-bit wrap)
+//!   .set_queue_pairs(n)                            before start; n RX/TX pairs (acks MQ when n > 1)
+//!   .select_pair(i)                                every queue operation below acts on pair i (default 0)
+//!   .set_pair_enabled(i, bool) / try_set_pair_enabled   SET_VRING_ENABLE for both rings of pair i
 //!   .start(cfg) -> u64 / .try_start(cfg) -> Result<u64, String>   full bring-up; returns acked virtio features
 //!      = try_negotiate(features) + try_setup_memory(mem_size) + try_setup_rings(queue_size) + try_enable_rings()
 //!   .get_config(offset: u32, len: u32) -> Vec<u8>  / try_get_config
@@ -49,7 +53,7 @@
 //!        .raw_set_used_event(Queue, v)
 //!        .alloc_buffer(size) -> u64 / free_buffer(gpa, size) / write_guest(gpa, &[u8]) / read_guest(gpa, len)
 //!        .ring_layout(Queue) -> RingLayout  .guest_mem_size()  .raw_frontend() -> &mut vhost Frontend
-//!   .stop(self) -> (u16, u16)                      GET_VRING_BASE(0), GET_VRING_BASE(1), then disconnect
+//!   .stop(self) -> (u16, u16)                      GET_VRING_BASE for RX and TX of the selected pair, then disconnect
 //!
 //! vnet_header(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers, len) -> Vec<u8>
 //! Hdr { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers: Option<u16> }, Hdr::parse(&[u8])
@@ -596,6 +600,10 @@ struct Vq {
     calls: u64,
     kicks: u64,
     unknown_used: u64,
+    /// RX: entries of a packet whose remaining buffers have not arrived yet.
+    partial: Vec<(u16, u32, Vec<u8>)>,
+    /// TX: completions reclaimed while looking for free descriptors, not yet handed out.
+    backlog: VecDeque<(u32, u32)>,
 }
 
 /// A virtio-net driver + vhost-user frontend for tests. See the module docs.
@@ -607,14 +615,18 @@ pub struct TestFrontend {
     acked: u64,
     acked_proto: u64,
     wanted_proto: u64,
+    /// Never ack PROTOCOL_FEATURES (rings are then enabled by SET_FEATURES).
+    without_protocol: bool,
     queue_num: Option<u64>,
     ring_base: u16,
     mem: Option<GuestMem>,
     alloc: BufAlloc,
+    /// RX and TX of pair 0, then of pair 1, ...
     vqs: Vec<Vq>,
-    rx_partial: Vec<(u16, u32, Vec<u8>)>,
+    pairs: usize,
+    /// The pair queue operations act on.
+    active: usize,
     rx_autorefill: bool,
-    tx_backlog: VecDeque<(u32, u32)>,
 }
 
 impl TestFrontend {
@@ -656,6 +668,7 @@ impl TestFrontend {
             acked: 0,
             acked_proto: 0,
             wanted_proto: DEFAULT_PROTOCOL_FEATURES,
+            without_protocol: false,
             queue_num: None,
             ring_base: 0,
             mem: None,
@@ -665,9 +678,9 @@ impl TestFrontend {
                 free: HashMap::new(),
             },
             vqs: Vec::new(),
-            rx_partial: Vec::new(),
+            pairs: 1,
+            active: 0,
             rx_autorefill: false,
-            tx_backlog: VecDeque::new(),
         })
     }
 
@@ -721,9 +734,59 @@ impl TestFrontend {
         self.wanted_proto = bits;
     }
 
+    /// Behave like a frontend that does not know VHOST_USER_F_PROTOCOL_FEATURES: never ack
+    /// it, never send protocol messages. Call before `start`.
+    pub fn set_without_protocol_features(&mut self) {
+        self.without_protocol = true;
+    }
+
     /// Initial avail/used index of both rings (SET_VRING_BASE value). Call before `start`.
     pub fn set_ring_base(&mut self, base: u16) {
         self.ring_base = base;
+    }
+
+    /// Drive `n` queue pairs (rings 2i and 2i+1); with more than one, MQ is acked and the
+    /// backend must report at least 2n queues. Call before `start`.
+    pub fn set_queue_pairs(&mut self, n: usize) {
+        assert!(n >= 1, "a net device has at least one queue pair");
+        self.pairs = n;
+    }
+
+    /// Makes every queue operation (post_rx, recv, send, kicks, waits, raw access) act on
+    /// pair `i` from now on.
+    pub fn select_pair(&mut self, i: usize) {
+        assert!(i < self.pairs, "pair {i} of {}", self.pairs);
+        self.active = i;
+    }
+
+    /// How many queue pairs this frontend drives.
+    pub fn queue_pairs(&self) -> usize {
+        self.pairs
+    }
+
+    /// The pair queue operations act on.
+    pub fn active_pair(&self) -> usize {
+        self.active
+    }
+
+    /// SET_VRING_ENABLE for the RX and TX ring of pair `i`.
+    pub fn set_pair_enabled(&mut self, i: usize, enable: bool) {
+        self.try_set_pair_enabled(i, enable)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_set_pair_enabled(&mut self, i: usize, enable: bool) -> Result<(), String> {
+        for ring in [2 * i, 2 * i + 1] {
+            self.fe
+                .set_vring_enable(ring, enable)
+                .map_err(|e| format!("SET_VRING_ENABLE({ring}, {enable}) failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The vhost-user ring index of `q` in the active pair.
+    fn ring(&self, q: Queue) -> usize {
+        2 * self.active + q.index()
     }
 
     /// Full bring-up as QEMU does it; returns the acked virtio feature set (including
@@ -749,7 +812,7 @@ impl TestFrontend {
         // Always ask again after SET_OWNER, as QEMU does; refreshes the cache.
         self.offered = None;
         let offered = self.try_backend_features()?;
-        if offered & feat::PROTOCOL_FEATURES != 0 {
+        if offered & feat::PROTOCOL_FEATURES != 0 && !self.without_protocol {
             let offered_proto = self.try_backend_protocol_features()?;
             let ack = offered_proto & self.wanted_proto;
             self.fe
@@ -764,13 +827,28 @@ impl TestFrontend {
                     .fe
                     .get_queue_num()
                     .map_err(|e| format!("GET_QUEUE_NUM failed: {e}"))?;
-                if n < 2 {
-                    return Err(format!("backend reports {n} queues, a net device needs 2"));
+                let need = 2 * self.pairs as u64;
+                if n < need {
+                    return Err(format!(
+                        "backend reports {n} queues, {} queue pairs need {need}",
+                        self.pairs
+                    ));
                 }
                 self.queue_num = Some(n);
+            } else if self.pairs > 1 {
+                return Err("more than one queue pair needs the MQ protocol feature".into());
             }
         }
-        let acked = (features & offered) | (offered & feat::PROTOCOL_FEATURES);
+        let features = if self.pairs > 1 {
+            features | feat::MQ
+        } else {
+            features
+        };
+        let acked = if self.without_protocol {
+            features & offered & !feat::PROTOCOL_FEATURES
+        } else {
+            (features & offered) | (offered & feat::PROTOCOL_FEATURES)
+        };
         self.fe
             .set_features(acked)
             .map_err(|e| format!("SET_FEATURES({acked:#x}) failed: {e}"))?;
@@ -796,7 +874,8 @@ impl TestFrontend {
         Ok(())
     }
 
-    /// Lay out both rings and send SET_VRING_NUM/ADDR/BASE/CALL/KICK for queues 0 and 1.
+    /// Lay out the rings and send SET_VRING_NUM/ADDR/BASE/CALL/KICK for each (RX and TX of
+    /// every pair).
     pub fn try_setup_rings(&mut self, queue_size: u16) -> Result<(), String> {
         if !self.vqs.is_empty() {
             return Err("rings are already set up".into());
@@ -804,7 +883,8 @@ impl TestFrontend {
         if self.mem.is_none() {
             return Err("set up guest memory before the rings".into());
         }
-        for q in [Queue::Rx, Queue::Tx] {
+        let rings = (0..self.pairs).flat_map(|p| [(p, Queue::Rx), (p, Queue::Tx)]);
+        for (pair, q) in rings.collect::<Vec<_>>() {
             let base = self
                 .alloc
                 .bump(RingLayout::total_len(queue_size), RING_ALIGN)
@@ -829,11 +909,11 @@ impl TestFrontend {
                 .ctl(
                     ControlOperation::Add,
                     call.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, q.index() as u64),
+                    EpollEvent::new(EventSet::IN, (2 * pair + q.index()) as u64),
                 )
                 .map_err(|e| format!("epoll_ctl(call fd) failed: {e}"))?;
 
-            let i = q.index();
+            let i = 2 * pair + q.index();
             let what = |m: &str, e: vhost::Error| format!("{m} for queue {i} failed: {e}");
             self.fe
                 .set_vring_num(i, queue_size)
@@ -873,18 +953,20 @@ impl TestFrontend {
                 calls: 0,
                 kicks: 0,
                 unknown_used: 0,
+                partial: Vec::new(),
+                backlog: VecDeque::new(),
             });
         }
         Ok(())
     }
 
-    /// SET_VRING_ENABLE for both queues (skipped when PROTOCOL_FEATURES was not negotiated,
+    /// SET_VRING_ENABLE for every queue (skipped when PROTOCOL_FEATURES was not negotiated,
     /// since rings are then enabled by SET_FEATURES).
     pub fn try_enable_rings(&mut self, enable: bool) -> Result<(), String> {
         if self.acked & feat::PROTOCOL_FEATURES == 0 {
             return Ok(());
         }
-        for i in 0..2 {
+        for i in 0..2 * self.pairs {
             self.fe
                 .set_vring_enable(i, enable)
                 .map_err(|e| format!("SET_VRING_ENABLE({i}, {enable}) failed: {e}"))?;
@@ -941,13 +1023,14 @@ impl TestFrontend {
 
     fn vq(&self, q: Queue) -> &Vq {
         self.vqs
-            .get(q.index())
+            .get(self.ring(q))
             .unwrap_or_else(|| panic!("queue {q:?} used before start() set up the rings"))
     }
 
     fn vq_mut(&mut self, q: Queue) -> &mut Vq {
+        let ring = self.ring(q);
         self.vqs
-            .get_mut(q.index())
+            .get_mut(ring)
             .unwrap_or_else(|| panic!("queue {q:?} used before start() set up the rings"))
     }
 
@@ -1287,13 +1370,13 @@ impl TestFrontend {
 
     fn recv_inner(&mut self, deadline: Instant) -> Option<RxPacket> {
         let hlen = self.header_len();
-        if self.rx_partial.is_empty() {
+        if self.vq(Queue::Rx).partial.is_empty() {
             let e = self.wait_used_entry(Queue::Rx, deadline)?;
             let entry = self.take_rx_entry(e);
-            self.rx_partial.push(entry);
+            self.vq_mut(Queue::Rx).partial.push(entry);
         }
         let need = if self.acked & feat::MRG_RXBUF != 0 {
-            let first = &self.rx_partial[0].2;
+            let first = &self.vq(Queue::Rx).partial[0].2;
             if first.len() >= 12 {
                 u16::from_le_bytes([first[10], first[11]]).max(1)
             } else {
@@ -1302,12 +1385,12 @@ impl TestFrontend {
         } else {
             1
         };
-        while self.rx_partial.len() < usize::from(need) {
+        while self.vq(Queue::Rx).partial.len() < usize::from(need) {
             let e = self.wait_used_entry(Queue::Rx, deadline)?;
             let entry = self.take_rx_entry(e);
-            self.rx_partial.push(entry);
+            self.vq_mut(Queue::Rx).partial.push(entry);
         }
-        let parts = std::mem::take(&mut self.rx_partial);
+        let parts = std::mem::take(&mut self.vq_mut(Queue::Rx).partial);
         let mut all = Vec::new();
         let mut used_lens = Vec::with_capacity(parts.len());
         let mut heads = Vec::with_capacity(parts.len());
@@ -1328,12 +1411,12 @@ impl TestFrontend {
 
     /// Used entries already taken for a packet whose remaining buffers have not arrived.
     pub fn rx_partial_entries(&self) -> usize {
-        self.rx_partial.len()
+        self.vq(Queue::Rx).partial.len()
     }
 
     /// Drop a partly gathered packet (its buffers were already freed or re-posted).
     pub fn discard_rx_partial(&mut self) {
-        self.rx_partial.clear();
+        self.vq_mut(Queue::Rx).partial.clear();
     }
 
     pub fn rx_used_idx(&self) -> u16 {
@@ -1491,7 +1574,7 @@ impl TestFrontend {
             if let Some(Inflight::Chain(c)) = e.inflight {
                 self.release_chain(Queue::Tx, c);
             }
-            self.tx_backlog.push_back((e.id, e.len));
+            self.vq_mut(Queue::Tx).backlog.push_back((e.id, e.len));
         }
     }
 
@@ -1509,7 +1592,7 @@ impl TestFrontend {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            if let Some(e) = self.tx_backlog.pop_front() {
+            if let Some(e) = self.vq_mut(Queue::Tx).backlog.pop_front() {
                 out.push(e);
                 continue;
             }
@@ -1655,13 +1738,14 @@ impl TestFrontend {
     pub fn try_get_vring_base(&mut self, q: Queue) -> Result<u16, String> {
         let v = self
             .fe
-            .get_vring_base(q.index())
-            .map_err(|e| format!("GET_VRING_BASE({}) failed: {e}", q.index()))?;
-        u16::try_from(v).map_err(|_| format!("GET_VRING_BASE({}) returned {v:#x}", q.index()))
+            .get_vring_base(self.ring(q))
+            .map_err(|e| format!("GET_VRING_BASE({}) failed: {e}", self.ring(q)))?;
+        u16::try_from(v).map_err(|_| format!("GET_VRING_BASE({}) returned {v:#x}", self.ring(q)))
     }
 
-    /// Stop both rings as QEMU does on shutdown (GET_VRING_BASE for RX then TX) and close the
-    /// connection. Returns (rx_base, tx_base): the backend's next avail index per ring.
+    /// Stop the selected pair's rings as QEMU does on shutdown (GET_VRING_BASE for RX then TX)
+    /// and close the connection. Returns (rx_base, tx_base): the backend's next avail index per
+    /// ring.
     pub fn stop(mut self) -> (u16, u16) {
         let rx = self
             .try_get_vring_base(Queue::Rx)
