@@ -288,7 +288,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        features::offered_protocol()
+        features::offered_protocol(self.shared.pairs.len())
     }
 
     fn set_event_idx(&self, _enabled: bool) {
