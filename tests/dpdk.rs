@@ -40,14 +40,8 @@ impl Rig {
     }
 }
 
-/// A counter from /sys/class/net/IF/statistics inside `ns`.
 fn link_counter(ns: &NetNs, ifname: &str, name: &str) -> u64 {
-    let path = format!("/sys/class/net/{ifname}/statistics/{name}");
-    let out = ns.exec(&["cat", &path]);
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("read {path} in {}", ns.name()))
+    ns.link_counter(ifname, name)
 }
 
 fn sum_prefix(stats: &HashMap<String, u64>, prefix: &str) -> u64 {

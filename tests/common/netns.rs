@@ -193,6 +193,16 @@ impl NetNs {
         self.ip(&["-6", "addr", "add", cidr, "dev", ifname, "nodad"]);
     }
 
+    /// A counter from `/sys/class/net/IFNAME/statistics/NAME` (e.g. `rx_packets`).
+    pub fn link_counter(&self, ifname: &str, name: &str) -> u64 {
+        let path = format!("/sys/class/net/{ifname}/statistics/{name}");
+        let out = self.exec(&["cat", &path]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("read {path} in {}", self.name))
+    }
+
     /// Adds a permanent neighbour entry (so the stack does not ARP for it). 198.18.0.0/15 only.
     pub fn add_neigh(&self, ifname: &str, ip: &str, mac: &str) {
         assert!(
