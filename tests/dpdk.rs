@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use common::dpdk::{one_testpmd_at_a_time, require_testpmd, Port, Testpmd};
 use common::netns::{parse_mac, veth_pair, NetNs};
-use common::packets::ethernet;
+use common::packets::{ethernet, ipv4, ETH_IPV4};
 use vhost_packet::packet::interface::Interface;
 use vhost_packet::packet::socket::{PacketSocket, SocketOptions};
 
@@ -70,12 +70,24 @@ fn wait_stats(
 }
 
 /// txonly: every frame testpmd sent is accounted for at the peer.
-fn txonly(devargs: &str) {
+/// Queue pairs: vhost-packet `--queues`, testpmd `--rxq/--txq` (devargs carry `queues=`).
+fn queue_args(queues: u16) -> (Vec<String>, Vec<String>) {
+    let daemon = vec!["--queues".to_owned(), queues.to_string()];
+    let app = vec![format!("--rxq={queues}"), format!("--txq={queues}")];
+    (daemon, app)
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn txonly(devargs: &str, queues: u16) {
     if !require_testpmd() {
         return;
     }
     let _one = one_testpmd_at_a_time();
-    let rig = Rig::new(&[]);
+    let (daemon_args, app_args) = queue_args(queues);
+    let rig = Rig::new(&strs(&daemon_args));
     let peer_mac = rig.peer.mac_string("vp0");
     let before = link_counter(&rig.peer, "vp0", "rx_packets");
     let mut pmd = Testpmd::start(
@@ -84,7 +96,11 @@ fn txonly(devargs: &str) {
             mac: MAC,
             devargs,
         }],
-        &["--forward-mode=txonly", &format!("--eth-peer=0,{peer_mac}")],
+        &[
+            &["--forward-mode=txonly", &format!("--eth-peer=0,{peer_mac}")][..],
+            &strs(&app_args),
+        ]
+        .concat(),
     );
     pmd.start_forwarding();
     std::thread::sleep(RUN);
@@ -99,25 +115,36 @@ fn txonly(devargs: &str) {
     let lost_on_veth =
         link_counter(&rig.host, "vh0", "tx_dropped") + link_counter(&rig.peer, "vp0", "rx_dropped");
     assert_eq!(arrived + lost_on_veth, stats["tx.packets"], "{stats:?}");
+    let per_pair: Vec<u64> = rig
+        .daemon
+        .stats_by_pair()
+        .iter()
+        .map(|s| s["tx.packets"])
+        .collect();
+    assert!(
+        per_pair.iter().all(|&n| n > 0),
+        "a pair sent nothing: {per_pair:?}"
+    );
     eprintln!(
         "txonly {devargs}: testpmd sent {sent} in {RUN:?}, the peer received {arrived}, veth drops {lost_on_veth}"
     );
 }
 
 /// rxonly: frames injected at the peer reach testpmd, or are counted as dropped.
-fn rxonly(devargs: &str) {
+fn rxonly(devargs: &str, queues: u16) {
     if !require_testpmd() {
         return;
     }
     let _one = one_testpmd_at_a_time();
-    let rig = Rig::new(&[]);
+    let (daemon_args, app_args) = queue_args(queues);
+    let rig = Rig::new(&strs(&daemon_args));
     let mut pmd = Testpmd::start(
         &[Port {
             socket: &rig.daemon.socket,
             mac: MAC,
             devargs,
         }],
-        &["--forward-mode=rxonly"],
+        &[&["--forward-mode=rxonly"][..], &strs(&app_args)].concat(),
     );
     pmd.start_forwarding();
     // testpmd's port is started (features acked, RX buffers posted) once its prompt is back.
@@ -131,9 +158,14 @@ fn rxonly(devargs: &str) {
     });
     let vnet = [0u8; 12];
     for i in 0..injected {
-        let mut payload = vec![0u8; 46];
-        payload[..8].copy_from_slice(&i.to_be_bytes());
-        let frame = ethernet(parse_mac(MAC), src, 0x88b5, &payload);
+        // UDP from 64 source ports: flows the fanout spreads over the queue pairs.
+        let mut udp = vec![0u8; 26];
+        udp[0..2].copy_from_slice(&(10_000 + (i % 64) as u16).to_be_bytes());
+        udp[2..4].copy_from_slice(&9u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&26u16.to_be_bytes());
+        udp[8..16].copy_from_slice(&i.to_be_bytes());
+        let ip = ipv4([198, 18, 0, 2], [198, 18, 0, 1], 17, i as u16, &udp);
+        let frame = ethernet(parse_mac(MAC), src, ETH_IPV4, &ip);
         sock.send_vectored(&[IoSlice::new(&vnet), IoSlice::new(&frame)])
             .expect("inject a frame");
     }
@@ -159,6 +191,16 @@ fn rxonly(devargs: &str) {
     assert_eq!(received, stats["rx.packets"], "{stats:?}");
     assert_eq!(received + dropped + lost_on_veth(), injected, "{stats:?}");
     assert!(received > 0);
+    let per_pair: Vec<u64> = rig
+        .daemon
+        .stats_by_pair()
+        .iter()
+        .map(|s| s["rx.packets"])
+        .collect();
+    assert!(
+        per_pair.iter().all(|&n| n > 0),
+        "a pair received nothing: {per_pair:?}"
+    );
     // Only "no guest buffers" may drop here: anything else is a bug.
     assert_eq!(dropped, stats["rx.drops.no_buffers"], "{stats:?}");
     eprintln!(
@@ -169,22 +211,33 @@ fn rxonly(devargs: &str) {
 
 #[test]
 fn testpmd_txonly_mergeable() {
-    txonly("queues=1,mrg_rxbuf=1");
+    txonly("queues=1,mrg_rxbuf=1", 1);
 }
 
 #[test]
 fn testpmd_txonly_without_mergeable() {
-    txonly("queues=1,mrg_rxbuf=0");
+    txonly("queues=1,mrg_rxbuf=0", 1);
 }
 
 #[test]
 fn testpmd_rxonly_mergeable() {
-    rxonly("queues=1,mrg_rxbuf=1");
+    rxonly("queues=1,mrg_rxbuf=1", 1);
 }
 
 #[test]
 fn testpmd_rxonly_without_mergeable() {
-    rxonly("queues=1,mrg_rxbuf=0");
+    rxonly("queues=1,mrg_rxbuf=0", 1);
+}
+
+/// Two queue pairs (virtio-user needs its control queue, `cq=1`, to enable the second).
+#[test]
+fn testpmd_txonly_two_queue_pairs() {
+    txonly("queues=2,cq=1,mrg_rxbuf=1", 2);
+}
+
+#[test]
+fn testpmd_rxonly_two_queue_pairs() {
+    rxonly("queues=2,cq=1,mrg_rxbuf=1", 2);
 }
 
 /// DPDK's virtio-user with its default features (no GUEST_TSO or GUEST_CSUM unless the app
