@@ -242,12 +242,20 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The socket, its `.stats` control socket (left behind by a SIGKILL) and the log.
+    fn remove_files(&self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(vhost_packet::control::control_path(&self.socket));
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         // Only a child not yet reaped may be signalled by PID (std caches a reaped status).
         if !matches!(self.child.try_wait(), Ok(None)) {
-            let _ = std::fs::remove_file(&self.socket);
-            let _ = std::fs::remove_file(&self.log);
+            self.remove_files();
             return;
         }
         // SIGTERM lets it clean up; SIGKILL if it does not exit promptly.
@@ -261,8 +269,7 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_file(&self.log);
+        self.remove_files();
     }
 }
 
