@@ -375,14 +375,9 @@ impl QueuePair {
             return Ok(());
         }
         loop {
-            if ring_broken(state.get_queue(), &mem) {
-                if !std::mem::replace(&mut self.tx_broken, true) {
-                    self.stats.tx_drop_malformed += 1;
-                    warn!("queue pair {}: the guest broke its TX ring (avail index beyond the queue); not using it until it is put right", self.index);
-                }
+            if !self.tx_ring_usable(state.get_queue(), &mem) {
                 return Ok(());
             }
-            self.tx_broken = false;
             let _ = state.get_queue_mut().disable_notification(&*mem);
             let pass = self.tx.process(&mut TxContext {
                 queue: state.get_queue_mut(),
@@ -419,6 +414,20 @@ impl QueuePair {
         }
     }
 
+    /// False while the guest's TX ring is broken (avail index beyond the queue); counted and
+    /// logged once each time it breaks.
+    fn tx_ring_usable(&mut self, queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
+        if ring_broken(queue, mem) {
+            if !std::mem::replace(&mut self.tx_broken, true) {
+                self.stats.tx_drop_malformed += 1;
+                warn!("queue pair {}: the guest broke its TX ring (avail index beyond the queue); not using it until it is put right", self.index);
+            }
+            return false;
+        }
+        self.tx_broken = false;
+        true
+    }
+
     /// Consumes and discards what the guest put on its disabled TX ring.
     fn discard_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self.mem.as_ref() else {
@@ -426,14 +435,9 @@ impl QueuePair {
         };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
-        if ring_broken(state.get_queue(), &mem) {
-            if !std::mem::replace(&mut self.tx_broken, true) {
-                self.stats.tx_drop_malformed += 1;
-                warn!("queue pair {}: the guest broke its TX ring (avail index beyond the queue); not using it until it is put right", self.index);
-            }
+        if !self.tx_ring_usable(state.get_queue(), &mem) {
             return Ok(());
         }
-        self.tx_broken = false;
         let _ = state.get_queue_mut().disable_notification(&*mem);
         let pass = self.tx.discard(&mut TxContext {
             queue: state.get_queue_mut(),
