@@ -18,22 +18,7 @@ use vhost_packet::packet::socket::{PacketSocket, SocketOptions};
 const T: Duration = Duration::from_secs(5);
 
 /// Offloads a Linux guest asks for.
-const GUEST_FEATURES: u64 = feat::VERSION_1
-    | feat::MRG_RXBUF
-    | feat::EVENT_IDX
-    | feat::INDIRECT_DESC
-    | feat::CSUM
-    | feat::GUEST_CSUM
-    | feat::HOST_TSO4
-    | feat::HOST_TSO6
-    | feat::HOST_ECN
-    | feat::GUEST_TSO4
-    | feat::GUEST_TSO6
-    | feat::GUEST_ECN
-    | feat::MAC
-    | feat::MTU
-    | feat::STATUS
-    | feat::PROTOCOL_FEATURES;
+const GUEST_FEATURES: u64 = feat::LINUX_GUEST;
 
 /// A host namespace (vhost-packet on `vh0`) and a peer namespace (`vp0`, 198.18.0.2, a real
 /// kernel stack that knows the guest's MAC for 198.18.0.1).

@@ -28,23 +28,8 @@ const QSIZE: u16 = 256;
 const MEM_SIZE: usize = 64 << 20;
 const HDR: usize = 12;
 
-/// What a Linux guest negotiates (VERSION_1: 12-byte headers).
-const GUEST_FEATURES: u64 = feat::VERSION_1
-    | feat::MRG_RXBUF
-    | feat::EVENT_IDX
-    | feat::INDIRECT_DESC
-    | feat::CSUM
-    | feat::GUEST_CSUM
-    | feat::HOST_TSO4
-    | feat::HOST_TSO6
-    | feat::HOST_ECN
-    | feat::GUEST_TSO4
-    | feat::GUEST_TSO6
-    | feat::GUEST_ECN
-    | feat::MAC
-    | feat::MTU
-    | feat::STATUS
-    | feat::PROTOCOL_FEATURES;
+/// Offloads a Linux guest asks for.
+const GUEST_FEATURES: u64 = feat::LINUX_GUEST;
 
 /// Every frame a hostile chain carries starts its payload with this, so the peer can tell
 /// whether any of it got out.

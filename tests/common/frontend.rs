@@ -154,6 +154,24 @@ pub mod feat {
         | INDIRECT_DESC
         | EVENT_IDX
         | VERSION_1;
+
+    /// What a Linux guest acks by default (no USO, no MQ).
+    pub const LINUX_GUEST: u64 = VERSION_1
+        | MRG_RXBUF
+        | EVENT_IDX
+        | INDIRECT_DESC
+        | CSUM
+        | GUEST_CSUM
+        | HOST_TSO4
+        | HOST_TSO6
+        | HOST_ECN
+        | GUEST_TSO4
+        | GUEST_TSO6
+        | GUEST_ECN
+        | MAC
+        | MTU
+        | STATUS
+        | PROTOCOL_FEATURES;
 }
 
 /// virtio-net header flag and GSO constants.
