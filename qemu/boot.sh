@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Boot the test guest (qemu/build-guest.sh) on a vhost-packet socket.
+# Boot the test guest (qemu/build-guest.sh) on a vhost-packet socket (or, to compare, a tap).
 #
 #   qemu/boot.sh --socket /run/vhost-packet.sock [options]
+#   qemu/boot.sh --netdev tap [--tap IFNAME] [options]
 #
 # Options:
-#   --socket PATH        vhost-packet's socket (QEMU connects and reconnects to it)   [required]
+#   --socket PATH        vhost-packet's socket (QEMU connects and reconnects to it)
+#                        [required with --netdev vhost-user]
+#   --netdev vhost-user|tap  the NIC's backend: a vhost-user socket (--socket), or QEMU's own
+#                        virtio-net on a tap device (-netdev tap,vhost=off, for comparisons;
+#                        run QEMU in the tap's network namespace)      [vhost-user]
+#   --tap IFNAME         the tap device for --netdev tap (QEMU creates it if missing)   [vp-tap0]
 #   --mac MAC            the NIC's MAC                                   [52:54:00:12:34:56]
 #   --addr CIDR          guest IPv4 address of eth0                       [198.18.0.1/24]
 #   --addr6 CIDR         guest IPv6 address of eth0                       [2001:2::1/64]
@@ -28,11 +34,14 @@ cache="$here/.cache"
 guest="${VP_GUEST_CACHE:-$cache/guest}"
 
 socket="" mac="52:54:00:12:34:56" addr="198.18.0.1/24" addr6="2001:2::1/64" mtu=""
+netdev_kind=vhost-user tap=vp-tap0
 queues=1 qsize=256 nic="" mem=512 reconnect=1 accel=auto serial_log="" console=0 run=""
 die() { echo "boot: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
     --socket) socket="$2"; shift ;;
+    --netdev) netdev_kind="$2"; shift ;;
+    --tap) tap="$2"; shift ;;
     --mac) mac="$2"; shift ;;
     --addr) addr="$2"; shift ;;
     --addr6) addr6="$2"; shift ;;
@@ -51,7 +60,11 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ -n "$socket" ] || die "--socket PATH is required"
+case "$netdev_kind" in
+vhost-user) [ -n "$socket" ] || die "--socket PATH is required" ;;
+tap) ;;
+*) die "--netdev must be vhost-user or tap" ;;
+esac
 [ -s "$guest/vmlinux" ] && [ -s "$guest/initramfs.gz" ] || die "no guest image in $guest: run qemu/build-guest.sh"
 command -v qemu-system-x86_64 >/dev/null || die "needs qemu-system-x86_64 (Debian: apt-get install qemu-system-x86)"
 mkdir -p "$cache"
@@ -93,10 +106,18 @@ esac
 echo "boot: accelerator $accel ($why)" >&2
 
 # Under TCG QEMU 7.2 crashes in vhost_net_start (MSI-X vector notifiers) unless the NIC has no
-# MSI-X vectors; under KVM the NIC gets one per queue plus config and control.
+# MSI-X vectors; under KVM the NIC gets one per queue plus config and control. A tap netdev
+# (no vhost) is not affected: it keeps QEMU's default, as its users have it.
 if [ "$accel" = tcg ]; then vectors=0; else vectors=$((2 * queues + 2)); fi
-device="virtio-net-pci,netdev=net0,mac=$mac,vectors=$vectors,rx_queue_size=$qsize,tx_queue_size=$qsize"
-netdev="vhost-user,id=net0,chardev=vp0"
+device="virtio-net-pci,netdev=net0,mac=$mac,rx_queue_size=$qsize,tx_queue_size=$qsize"
+if [ "$netdev_kind" = tap ]; then
+    netdev="tap,id=net0,ifname=$tap,script=no,downscript=no,vhost=off"
+    chardev=()
+else
+    device+=",vectors=$vectors"
+    netdev="vhost-user,id=net0,chardev=vp0"
+    chardev=(-chardev "socket,id=vp0,path=$socket,reconnect=$reconnect")
+fi
 if [ "$queues" -gt 1 ]; then
     device+=",mq=on"
     netdev+=",queues=$queues"
@@ -129,10 +150,9 @@ else
 fi
 
 exec qemu-system-x86_64 \
-    -name vhost-packet-guest -accel "$accel" -M pc -m "$mem" -smp 1 \
+    -name vhost-packet-guest,debug-threads=on -accel "$accel" -M pc -m "$mem" -smp 1 \
     -nodefaults -no-user-config -display none -no-reboot \
     -object "memory-backend-memfd,id=mem0,size=${mem}M,share=on" -numa node,memdev=mem0 \
     -kernel "$guest/vmlinux" -initrd "$initrd" -append "$append" \
-    -chardev "socket,id=vp0,path=$socket,reconnect=$reconnect" \
-    -netdev "$netdev" -device "$device" \
+    "${chardev[@]}" -netdev "$netdev" -device "$device" \
     "${serial[@]}"
