@@ -422,7 +422,7 @@ dpdk_version="$(pkg-config --modversion libdpdk 2>/dev/null || dpkg-query -W -f=
 iperf_version="$(iperf3 --version | head -1 | awk '{print $2}')"
 guest_kernel="$(cat "$VP_REPO/qemu/.cache/guest/kernel-release")"
 vp_version="$(git -C "$VP_REPO" describe --always --dirty 2>/dev/null || echo "?")"
-cat <<EOF
+sed 's/ *$//' <<EOF
 
 vhost-packet benchmark ($mode, $(date -u +%Y-%m-%dT%H:%MZ), ${wall} s)
   host       $(nproc) cores ($cpu_model), Linux $(uname -r)
