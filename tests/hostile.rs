@@ -1623,13 +1623,20 @@ fn rx_never_writes_past_the_used_length() {
     }
 
     // A 20000-byte GSO frame delivered whole (the guest has GUEST_TSO4) over many buffers.
-    let (frame, csum_start, hdr_len) = partial_csum_frame(
-        (GUEST_MAC, rig.peer_mac),
-        L3::V4,
-        6,
-        TCP_ACK,
-        &pattern(20000, 3),
-    );
+    let (frame, _) = inject_tcpv4_gso(&peer, &rig, &pattern(20000, 3));
+    let (_, got) = rx
+        .recv(&mut fe, "GSO frame")
+        .expect("the GSO frame arrives");
+    assert_eq!(got, frame, "GSO frame byte for byte");
+    assert_eq!(rig.daemon.pid(), pid);
+    assert_not_spinning(&rig, "poison");
+}
+
+/// Injects at the peer a TCPv4 GSO frame (gso_size 1448, partial checksum) carrying
+/// `payload` to the guest; returns the frame and its header length.
+fn inject_tcpv4_gso(peer: &PacketSocket, rig: &Rig, payload: &[u8]) -> (Vec<u8>, u16) {
+    let (frame, csum_start, hdr_len) =
+        partial_csum_frame((GUEST_MAC, rig.peer_mac), L3::V4, 6, TCP_ACK, payload);
     let h = vnet_header(
         vhdr::F_NEEDS_CSUM,
         vhdr::GSO_TCPV4,
@@ -1642,12 +1649,7 @@ fn rx_never_writes_past_the_used_length() {
     );
     peer.send_vectored(&[std::io::IoSlice::new(&h), std::io::IoSlice::new(&frame)])
         .unwrap();
-    let (_, got) = rx
-        .recv(&mut fe, "GSO frame")
-        .expect("the GSO frame arrives");
-    assert_eq!(got, frame, "GSO frame byte for byte");
-    assert_eq!(rig.daemon.pid(), pid);
-    assert_not_spinning(&rig, "poison");
+    (frame, hdr_len)
 }
 
 #[test]
@@ -1660,25 +1662,7 @@ fn rx_segmented_gso_frame_never_writes_past_the_used_length() {
     let mut fe = guest(&rig.daemon.socket, features, 0);
     let peer = peer_socket(&rig);
     let rx = PoisonRx::post(&mut fe, &vec![vec![1536]; 100]);
-    let (frame, csum_start, hdr_len) = partial_csum_frame(
-        (GUEST_MAC, rig.peer_mac),
-        L3::V4,
-        6,
-        TCP_ACK,
-        &pattern(20000, 3),
-    );
-    let h = vnet_header(
-        vhdr::F_NEEDS_CSUM,
-        vhdr::GSO_TCPV4,
-        hdr_len,
-        1448,
-        csum_start,
-        16,
-        0,
-        HDR,
-    );
-    peer.send_vectored(&[std::io::IoSlice::new(&h), std::io::IoSlice::new(&frame)])
-        .unwrap();
+    let (_, hdr_len) = inject_tcpv4_gso(&peer, &rig, &pattern(20000, 3));
     let mut payload = Vec::new();
     for seg in 0..20000usize.div_ceil(1448) {
         let (_, got) = rx
