@@ -63,10 +63,6 @@ stop() {
     VP_PIDS=("${keep[@]}")
 }
 
-# spawn NS LOG CMD...: lib.sh's vp_spawn in this shell (so that cleanup knows the PID); the
-# PID in $SPAWNED.
-spawn() { vp_spawn "$@" >/dev/null; SPAWNED=${VP_PIDS[-1]}; }
-
 # namespaces TAG: a fresh host/peer pair (lib.sh's vp_netns); drop_namespaces deletes it.
 namespaces() { vp_netns "$1"; }
 drop_namespaces() {
@@ -108,8 +104,8 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { print b - a }'; }
 
 start_iperf_server() {
-    spawn "$VP_PEER_NS" "$VP_TMP/iperf3-server.log" iperf3 -s
-    iperf_pid=$SPAWNED
+    vp_spawn "$VP_PEER_NS" "$VP_TMP/iperf3-server.log" iperf3 -s
+    iperf_pid=$VP_LAST_PID
     for _ in $(seq 50); do
         in_peer ss -Hltn 'sport = :5201' | grep -q . && return 0
         sleep 0.1
@@ -118,9 +114,9 @@ start_iperf_server() {
 }
 
 start_vhost_packet() {
-    spawn "$VP_HOST_NS" "$VP_TMP/vhost-packet.log" \
+    vp_spawn "$VP_HOST_NS" "$VP_TMP/vhost-packet.log" \
         "$VP_BIN" --socket "$VP_TMP/vp.sock" --interface vh0 --mac "$mac"
-    vhost_pid=$SPAWNED
+    vhost_pid=$VP_LAST_PID
     vp_wait_for "$VP_TMP/vhost-packet.log" "listening on" 10 ||
         vp_die "vhost-packet did not start: $(cat "$VP_TMP/vhost-packet.log")"
 }
@@ -201,10 +197,10 @@ done
 echo BENCH-MARK end
 sleep 2
 EOF
-    spawn "$VP_HOST_NS" "$VP_TMP/qemu-$sys.log" "$VP_REPO/qemu/boot.sh" \
+    vp_spawn "$VP_HOST_NS" "$VP_TMP/qemu-$sys.log" "$VP_REPO/qemu/boot.sh" \
         --mac "$mac" --run "$VP_TMP/run-$sys.sh" --serial-log "$log" \
         --addr "$VP_GUEST_IP/24" --addr6 "$VP_GUEST_IP6/64" "$@"
-    qemu=$SPAWNED
+    qemu=$VP_LAST_PID
     pid=${pid:-$qemu}
     local deadline=$(($(date +%s) + 120 + runs * 2 * (secs + 10)))
     while kill -0 "$qemu" 2>/dev/null; do
@@ -327,10 +323,10 @@ pps() {
     pmd front stop "Done." >/dev/null
     pmd front "set fwd rxonly" "Set rxonly" >/dev/null
     pmd front start "packet forwarding - ports=" >/dev/null
-    spawn "$VP_PEER_NS" "$VP_TMP/inject-$sys.log" env BENCH_INJECT_IF=vp0 \
+    vp_spawn "$VP_PEER_NS" "$VP_TMP/inject-$sys.log" env BENCH_INJECT_IF=vp0 \
         BENCH_INJECT_DST="$mac" BENCH_SECONDS=$((pps_secs + 2)) \
         "$VP_REPO/$test_bin" --ignored --exact inject_64 --nocapture --test-threads 1
-    gen=$SPAWNED
+    gen=$VP_LAST_PID
     sleep 1
     t0=$(now) n0=$(pmd_rx front) c0=$(cpu "$pid")
     sleep "$pps_secs"
