@@ -6,8 +6,9 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -19,7 +20,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::affinity;
-use crate::datapath::{EventRegistry, GuestMemory, QueuePair};
+use crate::datapath::{EventRegistry, GuestMemory, QueuePair, BUSY_SLICE};
 use crate::packet::socket::FanoutHandle;
 use crate::packet::steering;
 use crate::relay::RingSwitch;
@@ -39,6 +40,8 @@ impl EventRegistry for VringEpollHandler<NetBackend> {
 
 struct Shared {
     pairs: Vec<Mutex<QueuePair>>,
+    /// Per pair: control-path threads waiting for its lock (see `poll_busily`).
+    waiting: Vec<AtomicUsize>,
     /// Which pairs receive. Only the control path takes this lock (the relay and protocol
     /// threads), always before a pair's; workers never do.
     steering: Mutex<Steering>,
@@ -132,6 +135,7 @@ impl NetBackend {
         steering.apply();
         NetBackend {
             shared: Arc::new(Shared {
+                waiting: pairs.iter().map(|_| AtomicUsize::new(0)).collect(),
                 pairs: pairs.into_iter().map(Mutex::new).collect(),
                 steering: Mutex::new(steering),
                 features,
@@ -143,13 +147,50 @@ impl NetBackend {
         }
     }
 
+    /// A pair for the control path. A busy-polling worker sees it waiting and lets go.
     fn pair(&self, index: usize) -> Option<MutexGuard<'_, QueuePair>> {
+        let waiting = self.shared.waiting.get(index)?;
+        waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = self.worker_pair(index);
+        waiting.fetch_sub(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// A pair for its worker.
+    fn worker_pair(&self, index: usize) -> Option<MutexGuard<'_, QueuePair>> {
         // A worker that panicked while holding the lock leaves the pair usable: its state is
         // plain data, rebuilt on the next connection.
         self.shared
             .pairs
             .get(index)
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// `--busy-poll-us`: the worker polls its pair until it is idle, taking the pair's lock
+    /// for one round at a time. A mutex is not fair, and a worker that took it straight back
+    /// could keep the control path (vhost-user messages, counters) out for as long as it
+    /// polls; so it waits while the control path wants the pair.
+    fn poll_busily(&self, index: usize, vrings: &[VringRwLock]) -> io::Result<()> {
+        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        let Some(waiting) = self.shared.waiting.get(index) else {
+            return Ok(());
+        };
+        let slice_end = Instant::now() + BUSY_SLICE;
+        loop {
+            while waiting.load(Ordering::SeqCst) > 0 {
+                std::thread::yield_now();
+            }
+            let Some(mut pair) = self.worker_pair(index) else {
+                return Ok(());
+            };
+            if !pair.poll_once(rx, tx, slice_end)? {
+                return Ok(());
+            }
+            drop(pair);
+            std::hint::spin_loop();
+        }
     }
 
     /// A frontend connected: hand each pair its worker's epoll handler.
@@ -373,9 +414,14 @@ impl VhostUserBackend for NetBackend {
         if let Some(cpus) = &self.shared.affinity {
             affinity::pin_worker_once(cpus, thread_id);
         }
-        match self.pair(thread_id) {
-            Some(mut p) => p.handle_event(device_event, vrings),
-            None => Ok(()),
+        let Some(mut pair) = self.worker_pair(thread_id) else {
+            return Ok(());
+        };
+        pair.handle_event(device_event, vrings)?;
+        if pair.busy_polling() {
+            drop(pair);
+            self.poll_busily(thread_id, vrings)?;
         }
+        Ok(())
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::error::Error;
 
@@ -97,6 +98,8 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Most queue pairs served (`--queues`). vhost-user-backend assigns queues to worker threads
 /// by bit masks of one u64 (`queues_per_thread`), so it serves at most 64 queues: 32 pairs.
 pub const MAX_QUEUE_PAIRS: u16 = 32;
+/// Longest `--busy-poll-us`: one second.
+pub const MAX_BUSY_POLL_US: u32 = 1_000_000;
 
 /// The daemon's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +116,9 @@ pub struct Config {
     /// decides.
     pub cpu_affinity: Option<Vec<usize>>,
     pub qdisc_bypass: bool,
+    /// How long a worker keeps polling after its last work before it sleeps; `None`: it
+    /// sleeps at once.
+    pub busy_poll: Option<Duration>,
     pub promisc: bool,
     /// Let the guest send frames with any source MAC.
     pub allow_mac_spoofing: bool,
@@ -173,6 +179,8 @@ pub struct RawConfig {
     pub queues: u32,
     pub cpu_affinity: Option<Vec<usize>>,
     pub qdisc_bypass: bool,
+    /// `--busy-poll-us`; 0 is off.
+    pub busy_poll_us: u32,
     pub promisc: bool,
     pub allow_mac_spoofing: bool,
     pub legacy_vnet_header: bool,
@@ -249,6 +257,14 @@ impl Config {
                 ));
             }
         }
+        if raw.busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(Error::InvalidArgument(format!(
+                "--busy-poll-us {} is out of range (0..={MAX_BUSY_POLL_US})",
+                raw.busy_poll_us
+            )));
+        }
+        let busy_poll =
+            (raw.busy_poll_us > 0).then(|| Duration::from_micros(u64::from(raw.busy_poll_us)));
         let socket_mode = crate::privileges::parse_mode(&raw.socket_mode).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "--socket-mode {} is not an octal permission mode like 0660",
@@ -264,6 +280,7 @@ impl Config {
             queue_pairs: raw.queues as u16,
             cpu_affinity: raw.cpu_affinity,
             qdisc_bypass: raw.qdisc_bypass,
+            busy_poll,
             promisc: raw.promisc,
             allow_mac_spoofing: raw.allow_mac_spoofing,
             socket_mode,
@@ -335,6 +352,27 @@ mod tests {
         })
         .unwrap();
         assert_eq!((c.queue_pairs, c.cpu_affinity), (4, Some(vec![1, 0])));
+    }
+
+    #[test]
+    fn busy_poll_is_off_at_zero_and_bounded() {
+        assert_eq!(Config::validate(raw()).unwrap().busy_poll, None);
+        let c = Config::validate(RawConfig {
+            busy_poll_us: 50,
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(c.busy_poll, Some(Duration::from_micros(50)));
+        let e = Config::validate(RawConfig {
+            busy_poll_us: MAX_BUSY_POLL_US + 1,
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--busy-poll-us 1000001 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Daemon {
                 promisc: config.promisc,
                 allow_spoofing: config.allow_mac_spoofing,
             };
-            let pair = QueuePair::new(i, socket, ids, policy)
+            let pair = QueuePair::new(i, socket, ids, policy, config.busy_poll)
                 .map_err(|e| Error::QueueSetup { pair: i, source: e })?;
             pairs.push(pair);
         }

@@ -9,7 +9,9 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::frontend::{feat, hdr as vhdr, vnet_header, FrontendConfig, TestFrontend, TxLayout};
+use common::frontend::{
+    feat, hdr as vhdr, vnet_header, FrontendConfig, Queue, TestFrontend, TxLayout,
+};
 use common::netns::{require_root_and_tools, veth_pair, NetNs};
 use common::packets::*;
 use vhost_packet::packet::interface::Interface;
@@ -623,6 +625,48 @@ fn rx_starts_when_the_ring_is_enabled_even_without_a_kick() {
     let p = recv_matching(&mut fe, |f| f == &frame[..]).expect("frame delivered with no RX kick");
     assert_eq!(p.num_buffers, 1);
     assert_eq!(fe.rx_kicks(), 0, "the test frontend never kicked RX");
+}
+
+#[test]
+fn busy_polling_sends_without_kicks_then_asks_for_them_again() {
+    // Polling for 300 ms after the last frame: every frame below follows the one before within
+    // milliseconds.
+    let Some(rig) = rig(&["--busy-poll-us", "300000"]) else {
+        return;
+    };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    assert!(fe.has_feature(feat::EVENT_IDX));
+    let cap = peer_socket(&rig);
+    let h = plain_header(&fe);
+    let frame = |i: u32| ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, i));
+    // The first frame is kicked: that wakes the worker, which then polls.
+    send_frame(&mut fe, &h, &frame(0));
+    capture(&cap, |f| f == &frame(0)[..]).expect("the kicked frame");
+    for i in 1..=20 {
+        fe.send(&h, &frame(i), TxLayout::Combined);
+        assert!(
+            !fe.kick_tx_if_needed(),
+            "frame {i}: a polling worker does not ask for kicks"
+        );
+        assert_eq!(fe.wait_tx_used(1, T).len(), 1, "frame {i} sent unkicked");
+        capture(&cap, |f| f == &frame(i)[..]).unwrap_or_else(|| panic!("frame {i} at the peer"));
+    }
+    // Idle: the worker stops polling and asks for a kick at the next frame again.
+    let deadline = std::time::Instant::now() + T;
+    while fe.avail_event(Queue::Tx) != fe.avail_idx(Queue::Tx) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never asked for kicks again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fe.send(&h, &frame(21), TxLayout::Combined);
+    assert!(
+        fe.kick_tx_if_needed(),
+        "the guest kicks once polling stopped"
+    );
+    assert_eq!(fe.wait_tx_used(1, T).len(), 1);
+    capture(&cap, |f| f == &frame(21)[..]).expect("the frame after polling stopped");
 }
 
 #[test]

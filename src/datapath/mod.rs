@@ -10,6 +10,7 @@ pub mod tx;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Weak;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -95,7 +96,22 @@ pub struct QueuePair {
     /// The guest broke a ring (avail index beyond reach): logged and counted once.
     rx_broken: bool,
     tx_broken: bool,
+    /// RX waits for the guest to add buffers beyond this avail index (the socket is not
+    /// polled meanwhile).
+    rx_wants_beyond: Option<u16>,
+    busy_poll: Option<BusyPoll>,
 }
+
+/// `--busy-poll-us`: the worker keeps polling for `idle` after its last work.
+#[derive(Clone, Copy, Debug)]
+struct BusyPoll {
+    idle: Duration,
+    last_work: Instant,
+}
+
+/// While busy polling, the worker returns to its epoll loop at least this often, so that the
+/// exit event and other pairs' events on the same thread are not held up.
+pub const BUSY_SLICE: Duration = Duration::from_millis(1);
 
 /// Most frames thrown away at once when an RX ring is disabled. With one pair nothing steers
 /// frames away from its socket, so under a flood the queue would never end; what is left is
@@ -118,6 +134,7 @@ impl QueuePair {
         socket: PacketSocket,
         ids: EventIds,
         policy: MacPolicy,
+        busy_poll: Option<Duration>,
     ) -> io::Result<QueuePair> {
         let writable_fd = socket.try_clone()?;
         let resched = EventFd::new(EFD_NONBLOCK)?;
@@ -143,6 +160,11 @@ impl QueuePair {
             policy,
             rx_broken: false,
             tx_broken: false,
+            rx_wants_beyond: None,
+            busy_poll: busy_poll.map(|idle| BusyPoll {
+                idle,
+                last_work: Instant::now(),
+            }),
         })
     }
 
@@ -197,6 +219,7 @@ impl QueuePair {
         self.tx_enabled = false;
         self.rx_broken = false;
         self.tx_broken = false;
+        self.rx_wants_beyond = None;
         self.rx.reset();
         self.tx.reset();
     }
@@ -271,16 +294,34 @@ impl QueuePair {
         let (Some(rx_vring), Some(tx_vring)) = (vrings.first(), vrings.get(1)) else {
             return Ok(());
         };
+        self.dispatch(event, rx_vring, tx_vring)?;
+        if event != self.ids.resched {
+            self.note_work();
+        }
+        Ok(())
+    }
+
+    /// `--busy-poll-us` is set: the worker calls `poll_once` after each event.
+    pub fn busy_polling(&self) -> bool {
+        self.busy_poll.is_some()
+    }
+
+    fn dispatch(
+        &mut self,
+        event: u16,
+        rx_vring: &VringRwLock,
+        tx_vring: &VringRwLock,
+    ) -> io::Result<()> {
         match event {
             EventIds::RX_KICK => {
                 self.stats.rx_kicks += 1;
-                self.process_rx(rx_vring)
+                self.process_rx(rx_vring, false)
             }
             EventIds::TX_KICK => {
                 self.stats.tx_kicks += 1;
                 self.process_tx(tx_vring)
             }
-            e if e == self.ids.socket_readable => self.process_rx(rx_vring),
+            e if e == self.ids.socket_readable => self.process_rx(rx_vring, true),
             e if e == self.ids.socket_writable => {
                 self.disarm_tx();
                 self.process_tx(tx_vring)
@@ -296,7 +337,9 @@ impl QueuePair {
         }
     }
 
-    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    /// `look_first`: the socket has frames (rather than the guest new buffers); see
+    /// `RxContext::look_first`.
+    fn process_rx(&mut self, vring: &VringRwLock, look_first: bool) -> io::Result<()> {
         let Some(atomic) = self.mem.as_ref() else {
             self.disarm_rx();
             return Ok(());
@@ -327,6 +370,7 @@ impl QueuePair {
                 socket: &self.socket,
                 features: self.features,
                 stats: &mut self.stats,
+                look_first,
             });
             if pass.notify {
                 state.signal_used_queue()?;
@@ -349,6 +393,7 @@ impl QueuePair {
                         drop(state);
                         // Stop polling: the kernel queues (then drops and counts) meanwhile.
                         self.disarm_rx();
+                        self.rx_wants_beyond = Some(pass.avail_seen);
                         return Ok(());
                     }
                     let _ = queue.disable_notification(&*mem);
@@ -391,6 +436,9 @@ impl QueuePair {
                 state.signal_used_queue()?;
             }
             match pass.outcome {
+                // A busy-polling worker looks again without being kicked; it turns
+                // notifications back on when it stops polling.
+                TxOutcome::Drained if self.busy_poll.is_some() => return Ok(()),
                 TxOutcome::Drained => {
                     if !state
                         .get_queue_mut()
@@ -463,11 +511,116 @@ impl QueuePair {
         Ok(())
     }
 
+    fn note_work(&mut self) {
+        if let Some(b) = &mut self.busy_poll {
+            b.last_work = Instant::now();
+        }
+    }
+
+    /// One round of `--busy-poll-us`: polls the TX ring and the socket (or the RX ring, while
+    /// RX waits for buffers) and handles what it finds. Returns whether to go on polling:
+    /// false once nothing came for the idle time (TX notifications are on again then, and the
+    /// worker sleeps in epoll), or at `slice_end`, when the worker goes back to its epoll loop
+    /// for a moment and returns through the reschedule event.
+    pub fn poll_once(
+        &mut self,
+        rx_vring: &VringRwLock,
+        tx_vring: &VringRwLock,
+        slice_end: Instant,
+    ) -> io::Result<bool> {
+        let Some(idle) = self.busy_poll.map(|b| b.idle) else {
+            return Ok(false);
+        };
+        let mut worked = false;
+        if self.tx_has_work(tx_vring) {
+            self.process_tx(tx_vring)?;
+            worked = true;
+        }
+        if self.rx_has_work(rx_vring) {
+            // Armed: the socket has frames; otherwise the guest added the buffers RX waited for.
+            let look_first = self.rx_armed;
+            self.process_rx(rx_vring, look_first)?;
+            worked = true;
+        }
+        if worked {
+            self.note_work();
+        }
+        let now = Instant::now();
+        let last_work = self.busy_poll.map_or(now, |b| b.last_work);
+        if now.duration_since(last_work) >= idle {
+            if self.tx_notifications_on(tx_vring) && !self.tx_broken {
+                // The guest added chains while it was not kicking: poll on.
+                self.note_work();
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        if now >= slice_end {
+            self.resched.write(1)?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Chains wait on the TX ring and TX may send.
+    fn tx_has_work(&self, vring: &VringRwLock) -> bool {
+        // A broken ring is looked at again when the guest kicks.
+        if self.tx_armed || !self.tx_enabled || self.tx_broken {
+            return false;
+        }
+        self.avail_beyond(vring, None)
+    }
+
+    /// Frames wait on the socket for an RX ring with buffers, or the guest added the buffers
+    /// RX was waiting for.
+    fn rx_has_work(&self, vring: &VringRwLock) -> bool {
+        if !self.rx_enabled || self.rx_broken {
+            return false;
+        }
+        if self.rx_armed {
+            return self.socket.readable().unwrap_or(false);
+        }
+        self.rx_wants_beyond
+            .is_some_and(|seen| self.avail_beyond(vring, Some(seen)))
+    }
+
+    /// The ring's avail index differs from `seen` (default: what was consumed).
+    fn avail_beyond(&self, vring: &VringRwLock, seen: Option<u16>) -> bool {
+        let Some(atomic) = self.mem.as_ref() else {
+            return false;
+        };
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        if !queue.ready() || !state.is_enabled() {
+            return false;
+        }
+        let seen = seen.unwrap_or_else(|| queue.next_avail());
+        queue
+            .avail_idx(&*atomic.memory(), std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != seen)
+    }
+
+    /// Asks the guest to kick TX again; true if it added chains meanwhile.
+    fn tx_notifications_on(&self, vring: &VringRwLock) -> bool {
+        let Some(atomic) = self.mem.as_ref() else {
+            return false;
+        };
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || self.tx_armed {
+            return false;
+        }
+        state
+            .get_queue_mut()
+            .enable_notification(&*atomic.memory())
+            .unwrap_or(false)
+    }
+
     fn registry(&self) -> Option<std::sync::Arc<dyn EventRegistry>> {
         self.registry.as_ref().and_then(|w| w.upgrade())
     }
 
     fn arm_rx(&mut self) {
+        self.rx_wants_beyond = None;
         self.watch(Watch::Readable, true);
     }
 

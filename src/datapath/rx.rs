@@ -57,6 +57,13 @@ struct PendingGso {
 }
 
 /// Makes `buf` hold at least `len` bytes; it only ever grows, so it is zeroed once.
+/// The guest has posted chains not taken yet (a broken index counts as none).
+fn guest_has_chains<S: FrameSource + ?Sized>(ctx: &RxContext<'_, S>) -> bool {
+    ctx.queue
+        .avail_idx(ctx.mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != ctx.queue.next_avail())
+}
+
 fn grow(buf: &mut Vec<u8>, len: usize) {
     if buf.len() < len {
         buf.resize(len, 0);
@@ -202,6 +209,8 @@ pub trait FrameSource {
     fn kernel_vnet_header_len(&self) -> usize;
     /// Length of the next frame without its header; 0 when none is queued.
     fn pending_len(&self) -> io::Result<usize>;
+    /// Takes a pending error (one a receive would report instead of a frame).
+    fn take_error(&self) -> io::Result<Option<io::Error>>;
     /// Writes `[header][frame]` of the next frame over `iov`.
     ///
     /// # Safety
@@ -219,6 +228,10 @@ impl FrameSource for PacketSocket {
         PacketSocket::pending_len(self)
     }
 
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        PacketSocket::take_error(self)
+    }
+
     unsafe fn recv(&self, iov: &mut [iovec]) -> io::Result<RecvLen> {
         // SAFETY: the caller upholds the same contract as `PacketSocket::recv`'s.
         unsafe { PacketSocket::recv(self, iov) }
@@ -232,6 +245,9 @@ pub struct RxContext<'a, S: FrameSource + ?Sized = PacketSocket> {
     pub socket: &'a S,
     pub features: Negotiated,
     pub stats: &'a mut PairStats,
+    /// The socket woke us, not new guest buffers: look at the first frames' sizes before
+    /// taking chains. After a kick the new chains are taken (and judged) at once.
+    pub look_first: bool,
 }
 
 /// Result of a pass: how it ended and whether the guest must be interrupted.
@@ -319,16 +335,62 @@ impl RxPath {
         let bounce_first = !ctx.features.guest_accepts_gso(GsoKind::TcpV4, false)
             || !ctx.features.guest_accepts_gso(GsoKind::TcpV6, false)
             || !ctx.features.guest_csum();
-        for _ in 0..BUDGET {
+        for round in 0..BUDGET {
             if !self.deliver_segments(ctx, used, hdr_len, mergeable) {
                 return RxOutcome::NeedBuffers;
             }
-            self.stage(ctx, used, hdr_len, mergeable);
+            // The first two frames of a pass are looked at before chains are taken for them:
+            // a wake-up with nothing to receive, or a single small frame (request/response
+            // traffic), would otherwise resolve a maximal frame's worth of chains only to
+            // give them back. From the third on it is a burst: chains for a maximal frame
+            // are staged and used without a look.
+            let mut known_len = None;
+            if ctx.look_first
+                && round < 2
+                && mergeable
+                && !bounce_first
+                && self.staged_bytes < MAX_FRAME + hdr_len
+            {
+                match ctx.socket.pending_len() {
+                    Ok(0) => {
+                        // A pending error (the link went down) keeps the socket readable with
+                        // nothing queued: take it, or it would wake the worker for ever.
+                        match ctx.socket.take_error() {
+                            Ok(Some(e)) => self.socket_error(ctx, e),
+                            Ok(None) => {}
+                            Err(e) => self.log(format_args!("RX: SO_ERROR: {e}")),
+                        }
+                        // With no buffers left either, wait for the guest rather than for
+                        // frames it could not take.
+                        if self.staged.is_empty() && !guest_has_chains(ctx) {
+                            return RxOutcome::NeedBuffers;
+                        }
+                        return RxOutcome::Drained;
+                    }
+                    Ok(len) => known_len = Some(len + hdr_len),
+                    Err(e) => {
+                        self.log(format_args!("RX: SIOCINQ on packet socket: {e}"));
+                        return RxOutcome::Drained;
+                    }
+                }
+            }
+            // Room for a VLAN tag to put back, if the guest has it.
+            self.stage(
+                ctx,
+                used,
+                hdr_len,
+                mergeable,
+                known_len.map(|n| n + VLAN_TAG_LEN),
+            );
             let capacity = self.capacity(mergeable);
             if capacity == 0 {
                 return RxOutcome::NeedBuffers;
             }
-            if capacity < MAX_FRAME + hdr_len {
+            if let Some(need) = known_len {
+                if need > capacity {
+                    return RxOutcome::NeedBuffers;
+                }
+            } else if capacity < MAX_FRAME + hdr_len {
                 // Not room for every possible frame: look at the next one before taking it.
                 match ctx.socket.pending_len() {
                     Ok(0) => return RxOutcome::Drained,
@@ -359,18 +421,10 @@ impl RxPath {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return RxOutcome::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
-                    // A pending socket error, reported once: the link went down (or was down
-                    // when the socket was bound). No packet is lost; frames flow again once it
-                    // comes up.
-                    log::info!("RX: the interface is down; frames flow again when it comes up");
+                    self.socket_error(ctx, e);
                     return RxOutcome::Drained;
                 }
-                Err(e) => {
-                    // EINVAL: the kernel could not express this packet's metadata and dropped
-                    // it: one packet is gone.
-                    ctx.stats.rx_drop_kernel += 1;
-                    self.log(format_args!("RX: receiving from packet socket: {e}"));
-                }
+                Err(e) => self.socket_error(ctx, e),
             }
             if used.pending() >= PUBLISH_BATCH {
                 // Let the guest start on a long burst early; the caller signals once at the end.
@@ -378,6 +432,20 @@ impl RxPath {
             }
         }
         RxOutcome::Budget
+    }
+
+    /// A receive failed, or the socket had an error pending.
+    fn socket_error<S: FrameSource + ?Sized>(&mut self, ctx: &mut RxContext<'_, S>, e: io::Error) {
+        if e.raw_os_error() == Some(libc::ENETDOWN) {
+            // Reported once: the link went down (or was down when the socket was bound). No
+            // packet is lost; frames flow again once it comes up.
+            log::info!("RX: the interface is down; frames flow again when it comes up");
+        } else {
+            // EINVAL: the kernel could not express this packet's metadata and dropped it: one
+            // packet is gone.
+            ctx.stats.rx_drop_kernel += 1;
+            self.log(format_args!("RX: receiving from packet socket: {e}"));
+        }
     }
 
     /// Bytes the next frame may use: every staged chain with MRG_RXBUF, else the first.
@@ -389,19 +457,21 @@ impl RxPath {
         }
     }
 
-    /// Pops guest chains until the staged ones can take a maximal frame (one chain without
-    /// MRG_RXBUF) or the avail ring is empty.
+    /// Pops guest chains until the staged ones can take `want` bytes (default: a maximal
+    /// frame; one chain without MRG_RXBUF) or the avail ring is empty.
     fn stage<S: FrameSource + ?Sized>(
         &mut self,
         ctx: &mut RxContext<'_, S>,
         used: &mut UsedRing,
         hdr_len: usize,
         mergeable: bool,
+        want: Option<usize>,
     ) {
         let size = ctx.queue.size();
+        let want = want.unwrap_or(MAX_FRAME + hdr_len);
         loop {
             let enough = if mergeable {
-                self.staged_bytes >= MAX_FRAME + hdr_len
+                self.staged_bytes >= want
             } else {
                 !self.staged.is_empty()
             };
@@ -612,7 +682,7 @@ impl RxPath {
                 return Ok(());
             }
             let guest_len = hdr_len + seg.len();
-            self.stage(ctx, used, hdr_len, mergeable);
+            self.stage(ctx, used, hdr_len, mergeable, Some(guest_len));
             let capacity = self.capacity(mergeable);
             if guest_len > capacity {
                 if !mergeable && capacity > 0 {
@@ -882,6 +952,10 @@ mod tests {
             Ok(self.frames.borrow().front().map_or(0, Vec::len))
         }
 
+        fn take_error(&self) -> io::Result<Option<io::Error>> {
+            Ok(None)
+        }
+
         unsafe fn recv(&self, iov: &mut [iovec]) -> io::Result<RecvLen> {
             let Some(frame) = self.frames.borrow_mut().pop_front() else {
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -1014,6 +1088,7 @@ mod tests {
             socket: source,
             features: Negotiated::new(features),
             stats: &mut stats,
+            look_first: true,
         });
         (pass, stats)
     }
@@ -1245,6 +1320,7 @@ mod tests {
                 socket: &source,
                 features: Negotiated::new(MRG),
                 stats,
+                look_first: false,
             })
         };
         assert_eq!(pass(&mut guest, &mut stats).outcome, RxOutcome::NeedBuffers);
@@ -1299,6 +1375,7 @@ mod tests {
                     socket: &source,
                     features: Negotiated::new(features),
                     stats: &mut stats,
+                    look_first: false,
                 });
                 total += t.elapsed();
                 frames += stats.rx_segmented.max(stats.rx_gso) as u32;

@@ -346,6 +346,44 @@ impl PacketSocket {
         Ok(len.max(0) as usize)
     }
 
+    /// Takes the socket's pending error (`SO_ERROR`), if any: e.g. `ENETDOWN` once the link
+    /// went down. It keeps the socket readable until taken or met by a receive.
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        let mut err: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: SO_ERROR writes one int through the pointer, which points at `err`, and its
+        // size through `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+    }
+
+    /// Whether a frame (or an error) is queued, without waiting: `poll(2)` with no timeout,
+    /// cheaper than `SIOCINQ` (no queue lock), for callers that poll in a loop.
+    pub fn readable(&self) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, alive for the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(rc > 0 && pfd.revents != 0)
+    }
+
     /// Receives one packet without blocking: `[kernel vnet header][Ethernet frame]`, scattered
     /// over `iov` in order.
     ///

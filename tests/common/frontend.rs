@@ -1181,6 +1181,13 @@ impl TestFrontend {
         self.vq(q).next_avail
     }
 
+    /// The device's avail_event (EVENT_IDX): the avail index past which it wants a kick.
+    pub fn avail_event(&self, q: Queue) -> u16 {
+        let ring = self.vq(q).ring;
+        self.mem()
+            .load_u16(ring.avail_event_addr(), Ordering::Acquire)
+    }
+
     /// Signals received on the queue's call eventfd so far (drains it first).
     pub fn calls(&mut self, q: Queue) -> u64 {
         self.drain_calls();
