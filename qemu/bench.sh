@@ -2,27 +2,34 @@
 # The benchmark of issue 7: vhost-packet, DPDK testpmd as the vhost backend, QEMU's own
 # virtio-net on a tap, and the veth alone, measured in one run and printed as one table.
 #
-#   sudo ./qemu/bench.sh [--quick]
+#   sudo ./qemu/bench.sh [--quick] [--only PART,...] [--systems SYSTEM,...] [--vp-args "ARGS"]
 #
 # Booted guest (the test guest of qemu/build-guest.sh under QEMU, same image for every system):
 # TCP both ways (iperf3, single stream, median of 3 runs of 10 s), retransmits, ping RTT (avg
-# and p99 of 100 pings). Guest-less: 64-byte packet rates both ways with DPDK's virtio-user as
-# generator and sink, and 64 KiB GSO frames from tests/bench.rs. Every figure is also given as
+# and p99 of 300 pings). Guest-less: 64-byte packet rates both ways with DPDK's virtio-user as
+# generator and sink, request/response RTT (ICMP echo, one at a time, with and without
+# --busy-poll-us) and 64 KiB GSO frames from tests/bench.rs. Every figure is also given as
 # a ratio to DPDK's, and each backend's CPU time per GB it moved. --quick: one 3 s run of each
-# (a smoke test). docs/performance.md describes the method and the results.
+# (a smoke test). --only measures some parts: limit, guest, pps, rtt, bulk (the others print "-");
+# --systems some of the backends: vp, dpdk, tap.
+# --vp-args passes more options to vhost-packet (e.g. "--busy-poll-us 50"). docs/performance.md
+# describes the method and the results.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-runs=3 secs=10 pps_secs=5
+runs=3 secs=10 pps_secs=5 rtt_pings=20000 pings=300 only="limit,guest,pps,rtt,bulk" systems="vp,dpdk,tap" vp_args=""
 while [ $# -gt 0 ]; do
     case "$1" in
-    --quick) runs=1 secs=3 pps_secs=2 ;;
+    --quick) runs=1 secs=3 pps_secs=2 rtt_pings=2000 pings=100 ;;
+    --only) only="${2:?--only needs a list of parts}"; shift ;;
+    --systems) systems="${2:?--systems needs a list}"; shift ;;
+    --vp-args) vp_args="${2?--vp-args needs a value}"; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) vp_die "unknown option $1 (see --help)" ;;
     esac
     shift
 done
-pings=100 ping_interval=0.02
+ping_interval=0.02
 mac="$VP_GUEST_MAC"
 sink_mac="02:00:00:00:00:fe" # no one's: the peer's stack drops such frames at once
 declare -A R=()              # results: R[system.figure]
@@ -115,7 +122,7 @@ start_iperf_server() {
 
 start_vhost_packet() {
     vp_spawn "$VP_HOST_NS" "$VP_TMP/vhost-packet.log" \
-        "$VP_BIN" --socket "$VP_TMP/vp.sock" --interface vh0 --mac "$mac"
+        "$VP_BIN" --socket "$VP_TMP/vp.sock" --interface vh0 --mac "$mac" $vp_args "$@"
     vhost_pid=$VP_LAST_PID
     vp_wait_for "$VP_TMP/vhost-packet.log" "listening on" 10 ||
         vp_die "vhost-packet did not start: $(cat "$VP_TMP/vhost-packet.log")"
@@ -376,18 +383,76 @@ bulk() {
         vp_say "warning: bulk: frames lost on the way: $(grep -o 'BENCH bulk_gso.*' <<<"$out")"
 }
 
+# rtt: request/response latency without a guest (tests/bench.rs rtt_icmp: the TestFrontend
+# pings the peer's kernel, one echo at a time), vhost-packet as configured and with
+# --busy-poll-us 50.
+rtt() {
+    local out key args field
+    namespaces rtt
+    for key in icmp icmp_busy; do
+        args=()
+        [ "$key" = icmp_busy ] && args=(--busy-poll-us 50)
+        start_vhost_packet "${args[@]}"
+        rtt_icmp vp "$key" "$VP_TMP/vp.sock" "$vhost_pid"
+        stop "$vhost_pid"
+    done
+    drop_namespaces
+}
+
+rtt_dpdk() {
+    namespaces rtt-dpdk
+    dpdk_backend
+    rtt_icmp dpdk icmp "$VP_TMP/dpdk.sock" "${PMD_PID[backend]}"
+    pmd_quit backend
+    drop_namespaces
+}
+
+# rtt_icmp SYSTEM KEY SOCKET BACKEND-PID
+rtt_icmp() {
+    local out field
+    out="$(cd "$VP_REPO" && BENCH_SOCKET="$3" BENCH_HOST_NS="$VP_HOST_NS" \
+        BENCH_PEER_NS="$VP_PEER_NS" BENCH_BACKEND_PID="$4" BENCH_PINGS=$((rtt_pings)) \
+        "$VP_REPO/$test_bin" --ignored --exact rtt_icmp --nocapture 2>&1)" ||
+        vp_die "tests/bench.rs rtt_icmp against $1 failed: $out"
+    field() { sed -n "s/.*BENCH rtt_icmp .* $1=\([0-9.]*\).*/\1/p" <<<"$out"; }
+    R[$1.${2}_avg]=$(field avg_us)
+    R[$1.${2}_p99]=$(field p99_us)
+    R[$1.${2}_cpu]=$(awk -v c="$(field backend_cpu_s)" -v s="$(field seconds)" \
+        'BEGIN { if (s > 0) printf "%.2f", c / s }')
+}
+
 # ---------------------------------------------------------------------------------------------
 # Run and print
 
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
-vp_say "veth limit";                  limit
-vp_say "booted guest: vhost-packet";  guest_vhost_packet
-vp_say "booted guest: DPDK testpmd";  guest_dpdk
-vp_say "booted guest: QEMU tap";      guest_tap
-vp_say "64-byte packets: vhost-packet"; pps_vhost_packet
-vp_say "64-byte packets: DPDK testpmd"; pps_dpdk
-vp_say "64 KiB GSO bulk: vhost-packet"; bulk
-R[limit.bulk]=${R[limit.up]}
+part() { [[ ",$only," == *",$1,"* ]]; }
+system() { [[ ",$systems," == *",$1,"* ]]; }
+for p in ${only//,/ }; do
+    case "$p" in limit | guest | pps | rtt | bulk) ;; *) vp_die "--only: unknown part $p" ;; esac
+done
+for p in ${systems//,/ }; do
+    case "$p" in vp | dpdk | tap) ;; *) vp_die "--systems: unknown system $p" ;; esac
+done
+if part limit; then vp_say "veth limit"; limit; fi
+if part guest; then
+    if system vp; then vp_say "booted guest: vhost-packet"; guest_vhost_packet; fi
+    if system dpdk; then vp_say "booted guest: DPDK testpmd"; guest_dpdk; fi
+    if system tap; then vp_say "booted guest: QEMU tap"; guest_tap; fi
+fi
+if part pps; then
+    if system vp; then vp_say "64-byte packets: vhost-packet"; pps_vhost_packet; fi
+    if system dpdk; then vp_say "64-byte packets: DPDK testpmd"; pps_dpdk; fi
+fi
+if part rtt; then
+    if system vp; then vp_say "request/response RTT: vhost-packet"; rtt; fi
+    if system dpdk; then vp_say "request/response RTT: DPDK testpmd"; rtt_dpdk; fi
+fi
+if part bulk && system vp; then vp_say "64 KiB GSO bulk: vhost-packet"; bulk; fi
+R[limit.bulk]=${R[limit.up]:-}
+# DPDK always polls: its RTT is the reference for the busy-polling rows too.
+R[dpdk.icmp_busy_avg]=${R[dpdk.icmp_avg]:-}
+R[dpdk.icmp_busy_p99]=${R[dpdk.icmp_p99]:-}
+R[dpdk.icmp_busy_cpu]=${R[dpdk.icmp_cpu]:-}
 
 # cell SYSTEM FIGURE [REFERENCE-SYSTEM]: the figure and its ratio to the reference's.
 cell() {
@@ -404,6 +469,7 @@ row() { # LABEL FIGURE [REFERENCE-SYSTEM]
 }
 ratio() { awk -v a="${R[$1]:-0}" -v b="${R[$2]:-0}" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 verdict() { awk -v r="$2" -v t="$3" -v lower="${4:-}" -v what="$1" 'BEGIN {
+    if (r + 0 == 0) { printf "  %-40s   -    (not measured)\n", what; exit }
     ok = lower ? r <= t : r >= t
     printf "  %-40s %5.2fx  (target %s %sx) %s\n", what, r, lower ? "<=" : ">=", t,
         ok ? "met" : "NOT met" }'; }
@@ -424,7 +490,7 @@ vhost-packet benchmark ($mode, $(date -u +%Y-%m-%dT%H:%MZ), ${wall} s)
   host       $(nproc) cores ($cpu_model), Linux $(uname -r)
   load       average ${load_before} before, $(cut -d' ' -f1-3 /proc/loadavg) after
   guest      accelerator ${accels% } (qemu/boot.sh), kernel $guest_kernel, 1 vCPU, 512 MB, queues of 256
-  versions   QEMU $qemu_version, DPDK $dpdk_version, iperf3 $iperf_version, vhost-packet $vp_version
+  versions   QEMU $qemu_version, DPDK $dpdk_version, iperf3 $iperf_version, vhost-packet $vp_version${vp_args:+ (options: $vp_args)}
   ratios     to the DPDK column; for the 64 KiB GSO rows to the veth limit's TCP figure
 
 $(printf '%-31s %-17s %-17s %-17s %-17s' "" "vhost-packet" "DPDK testpmd" "QEMU tap" "veth limit")
@@ -443,6 +509,12 @@ $(row "    backend CPU s/GB" cpu_pps_tx)
 $(row "  64 B peer->frontend Mpps" pps_rx)
 $(row "    backend CPU s/GB" cpu_pps_rx)
 guest-less, tests/bench.rs TestFrontend
+$(row "  ICMP echo RTT avg us" icmp_avg)
+$(row "  ICMP echo RTT p99 us" icmp_p99)
+$(row "    backend CPU, cores" icmp_cpu)
+$(row "  --busy-poll-us 50: avg us" icmp_busy_avg)
+$(row "  --busy-poll-us 50: p99 us" icmp_busy_p99)
+$(row "    backend CPU, cores" icmp_busy_cpu)
 $(row "  64 KiB GSO Gbit/s" bulk limit)
 $(row "    backend CPU s/GB" cpu_bulk)
 $(row "  same, from a packet socket" bulk_direct limit)
@@ -457,6 +529,8 @@ $(verdict "64 B frontend->peer vs DPDK" "$(ratio vp.pps_tx dpdk.pps_tx)" 1.2)
 $(verdict "64 B peer->frontend vs DPDK" "$(ratio vp.pps_rx dpdk.pps_rx)" 1.2)
 $(verdict "ping RTT avg vs DPDK" "$(ratio vp.rtt_avg dpdk.rtt_avg)" 1 lower)
 $(verdict "64 KiB GSO bulk vs veth limit" "$(ratio vp.bulk limit.up)" 0.5)
+$(verdict "guest-less ICMP RTT avg vs DPDK" "$(ratio vp.icmp_avg dpdk.icmp_avg)" 1 lower)
+$(verdict "  the same with --busy-poll-us 50" "$(ratio vp.icmp_busy_avg dpdk.icmp_avg)" 1 lower)
   (64 KiB GSO bulk is $(ratio vp.bulk limit.bulk_direct)x the same frames sent from a packet socket)
   (the 64 B peer->frontend generator offered ${R[vp.inject]:-?} pps with vhost-packet,
    ${R[dpdk.inject]:-?} with DPDK)

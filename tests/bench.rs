@@ -12,6 +12,9 @@
 //!   qemu/bench.sh points it at a daemon it started (`BENCH_SOCKET`, `BENCH_HOST_NS`,
 //!   `BENCH_PEER_NS`, `BENCH_BACKEND_PID`); without those it makes its own namespaces and
 //!   daemon. `BENCH_SECONDS` (default 10) per part.
+//! - `rtt_icmp`: request/response latency without a guest: the TestFrontend sends an ICMP echo
+//!   request to the peer's kernel, waits for the reply, and sends the next (`BENCH_PINGS`,
+//!   default 5000, after 200 unmeasured). Same `BENCH_*` variables as `bulk_gso_64k`.
 //! - `inject_64`: a 64-byte frame generator (sendmmsg on a packet socket, qdisc bypassed) for
 //!   the peer->frontend packet rate; qemu/bench.sh runs it inside the peer namespace with
 //!   `BENCH_INJECT_IF`, `BENCH_INJECT_DST` and `BENCH_SECONDS`. Without them it does nothing.
@@ -26,12 +29,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
+use common::frontend::TxLayout;
 use common::frontend::{
     feat, hdr as vhdr, vnet_header, FrontendConfig, Queue, RawDesc, TestFrontend, DESC_F_INDIRECT,
     DESC_F_NEXT,
 };
 use common::netns::{parse_mac, require_root_and_tools, veth_pair, NetNs};
-use common::packets::{pattern, tcp_frame, Csum, Tcp, GUEST_IP, PEER_IP, TCP_ACK, TCP_PSH};
+use common::packets::{
+    ethernet, icmp_echo, ipv4, pattern, tcp_frame, Csum, Tcp, ETH_IPV4, GUEST_IP, PEER_IP, TCP_ACK,
+    TCP_PSH,
+};
 use vhost_packet::packet::interface::Interface;
 use vhost_packet::packet::socket::{PacketSocket, SocketOptions};
 
@@ -130,6 +137,7 @@ impl Target {
         let host = NetNs::new("vpb-host");
         let peer = NetNs::new("vpb-peer");
         veth_pair(&host, "vh0", &peer, "vp0");
+        peer.add_addr("vp0", "198.18.0.2/24");
         let daemon = Daemon::start(&host, "vh0", &["--mac", MAC]);
         Some(Target {
             socket: daemon.socket.clone(),
@@ -377,6 +385,105 @@ fn bulk_gso_64k() {
     if let Some((daemon, _, _)) = &target.own {
         eprintln!("vhost-packet counters: {:?}", daemon.stats());
     }
+}
+
+#[test]
+#[ignore = "benchmark: qemu/bench.sh runs it (cargo test --release --test bench -- --ignored)"]
+fn rtt_icmp() {
+    let Some(target) = Target::get() else { return };
+    let pings: usize = std::env::var("BENCH_PINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let mac = parse_mac(MAC);
+    let peer = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &target.peer_ns])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // The peer answers at once, without asking ARP first.
+    peer(&[
+        "ip",
+        "neigh",
+        "replace",
+        "198.18.0.1",
+        "lladdr",
+        MAC,
+        "dev",
+        &target.peer_if,
+    ]);
+    let peer_mac = parse_mac(&peer(&[
+        "cat",
+        &format!("/sys/class/net/{}/address", target.peer_if),
+    ]));
+    let mut fe = TestFrontend::connect(&target.socket, Duration::from_secs(10));
+    fe.start(FrontendConfig {
+        features: feat::LINUX_GUEST,
+        queue_size: QUEUE_SIZE,
+        mem_size: 64 << 20,
+    });
+    fe.post_rx_buffers(usize::from(QUEUE_SIZE), 2048);
+    fe.kick_rx();
+    let header = vnet_header(0, 0, 0, 0, 0, 0, 0, fe.header_len());
+    let data = pattern(56, 7);
+    const ID: u16 = 0x5254;
+    const WARMUP_PINGS: usize = 200;
+    let mut rtts = Vec::with_capacity(pings);
+    let stat = format!("/proc/{}/stat", target.pid);
+    let cpu0 = cpu_time(&stat);
+    let start = Instant::now();
+    for i in 0..WARMUP_PINGS + pings {
+        let seq = i as u16;
+        let request = ethernet(
+            peer_mac,
+            mac,
+            ETH_IPV4,
+            &ipv4(GUEST_IP, PEER_IP, 1, seq, &icmp_echo(ID, seq, &data)),
+        );
+        let t = Instant::now();
+        fe.send(&header, &request, TxLayout::Combined);
+        fe.kick_tx_if_needed();
+        let reply = loop {
+            let p = fe
+                .recv(Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("no echo reply for seq {seq}"));
+            // Re-post the buffer and kick only if asked, as a virtio-net driver does.
+            fe.post_rx_buffers(p.num_buffers.into(), 2048);
+            fe.kick_rx_if_needed();
+            let f = &p.frame;
+            let echo_reply = f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 1 && f[34] == 0;
+            if echo_reply && f[38..40] == ID.to_be_bytes() && f[40..42] == seq.to_be_bytes() {
+                break p;
+            }
+        };
+        let rtt = t.elapsed();
+        drop(reply);
+        assert_eq!(fe.wait_tx_used(1, Duration::from_secs(5)).len(), 1);
+        if i >= WARMUP_PINGS {
+            rtts.push(rtt);
+        }
+    }
+    let wall = start.elapsed();
+    let cpu = cpu_time(&stat) - cpu0;
+    rtts.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let avg = rtts.iter().map(|&d| us(d)).sum::<f64>() / rtts.len().max(1) as f64;
+    let pct = |p: usize| {
+        rtts.get((rtts.len() * p).div_ceil(100).saturating_sub(1))
+            .map_or(0.0, |&d| us(d))
+    };
+    println!(
+        "BENCH rtt_icmp pings={} avg_us={avg:.1} p50_us={:.1} p99_us={:.1} backend_cpu_s={:.3} seconds={:.3}",
+        rtts.len(),
+        pct(50),
+        pct(99),
+        cpu.as_secs_f64(),
+        wall.as_secs_f64()
+    );
 }
 
 #[test]
