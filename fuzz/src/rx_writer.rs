@@ -26,7 +26,8 @@
 //! the guest left it.
 //!
 //! Input (see [`RxInput::parse`]): features (8), cfg (1: bit 0 kernel header 10 bytes for a
-//! 12-byte guest header, bits 4-7 queue size 2^(n mod 9)), start (2: initial ring indices),
+//! 12-byte guest header, bit 1 the socket woke the worker (RX looks at frames before staging
+//! chains), bits 4-7 queue size 2^(n mod 9)), start (2: initial ring indices),
 //! used_event (2), avail_flags (2), rounds (1: 1 + n mod 3), then per round: chain count (1),
 //! chains, frame count (1, mod 17), frames. A chain is kind (1: bits 0-1 descriptors - 1,
 //! bits 2-4 kind, see [`ChainKind`]) and a 2-byte length per descriptor. A frame is kind (1:
@@ -173,6 +174,8 @@ pub struct RxInput {
     pub features: u64,
     /// Kernel header of 10 bytes under a 12-byte guest header (a pre-6.4 kernel).
     pub legacy_kernel_hdr: bool,
+    /// The pass was started by the socket, not by a kick (`RxContext::look_first`).
+    pub look_first: bool,
     /// Queue size 2^queue_log2, 0..=8.
     pub queue_log2: u8,
     pub start: u16,
@@ -189,6 +192,7 @@ impl RxInput {
         let mut input = RxInput {
             features,
             legacy_kernel_hdr: cfg & 1 != 0,
+            look_first: cfg & 2 != 0,
             queue_log2: (cfg >> 4) % 9,
             start: r.u16(),
             used_event: r.u16(),
@@ -234,7 +238,9 @@ impl RxInput {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u64(self.features)
-            .u8(u8::from(self.legacy_kernel_hdr) | (self.queue_log2 << 4))
+            .u8(u8::from(self.legacy_kernel_hdr)
+                | u8::from(self.look_first) << 1
+                | (self.queue_log2 << 4))
             .u16(self.start)
             .u16(self.used_event)
             .u16(self.avail_flags)
@@ -298,6 +304,10 @@ impl FrameSource for Scripted {
             Some(Item::Frame { bytes, .. }) => bytes.len() - self.hdr_len,
             Some(Item::Fail(_)) => 1,
         })
+    }
+
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        Ok(None)
     }
 
     unsafe fn recv(&self, iov: &mut [iovec]) -> io::Result<RecvLen> {
@@ -662,6 +672,7 @@ pub fn run_input(input: &RxInput) -> PairStats {
             socket: &source,
             features,
             stats: &mut stats,
+            look_first: input.look_first,
         });
         assert_eq!(
             fixed_areas(&guest),

@@ -440,6 +440,7 @@ fn rx_writer() -> Vec<(String, Vec<u8>)> {
         features: mrg,
         queue_log2: 5,
         start: 0,
+        look_first: true,
         ..RxInput::default()
     };
     let with = |features: u64, rounds: Vec<Round>| RxInput {
