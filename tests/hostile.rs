@@ -48,6 +48,11 @@ struct Rig {
 }
 
 fn rig() -> Option<Rig> {
+    rig_with(&[])
+}
+
+/// A rig whose daemon gets `extra` options too.
+fn rig_with(extra: &[&str]) -> Option<Rig> {
     if !require_root_and_tools(&["ip", "ethtool"]) {
         return None;
     }
@@ -57,7 +62,9 @@ fn rig() -> Option<Rig> {
     peer.add_addr("vp0", "198.18.0.2/24");
     peer.add_neigh("vp0", "198.18.0.1", "02:00:00:00:00:01");
     let peer_mac = peer.mac("vp0");
-    let daemon = Daemon::start(&host, "vh0", &["--mac", "02:00:00:00:00:01"]);
+    let mut args = vec!["--mac", "02:00:00:00:00:01"];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(&host, "vh0", &args);
     Some(Rig {
         daemon,
         peer_mac,
@@ -1421,8 +1428,10 @@ fn rx_flood_of_read_only_chains_is_counted_and_logged_sparingly() {
 /// daemon does not crash, spin or wedge (its counters stay readable, a new connection works).
 /// What it does with the connection meanwhile (the other direction; the ring once the index is
 /// put back) is printed, not asserted.
-fn avail_index_jump(q: Queue) {
-    let Some(rig) = rig() else { return };
+fn avail_index_jump(q: Queue, daemon_args: &[&str]) {
+    let Some(rig) = rig_with(daemon_args) else {
+        return;
+    };
     let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
     let cap = peer_socket(&rig);
     let pid = rig.daemon.pid();
@@ -1431,7 +1440,7 @@ fn avail_index_jump(q: Queue) {
     let idx = fe.avail_idx(q);
     fe.raw_set_avail_idx(q, idx.wrapping_add(QSIZE + 1));
     fe.kick(q);
-    let what = format!("{q:?} avail index jumped by queue size + 1");
+    let what = format!("{q:?} avail index jumped by queue size + 1 {daemon_args:?}");
     let lines_before = rig.daemon.log().lines().count();
     assert!(rig.daemon.is_running(), "{what}: {}", log_tail(&rig, 30));
     assert_not_spinning(&rig, &what);
@@ -1477,12 +1486,23 @@ fn avail_index_jump(q: Queue) {
 
 #[test]
 fn tx_avail_index_jump_beyond_queue_size() {
-    avail_index_jump(Queue::Tx);
+    avail_index_jump(Queue::Tx, &[]);
 }
 
 #[test]
 fn rx_avail_index_jump_beyond_queue_size() {
-    avail_index_jump(Queue::Rx);
+    avail_index_jump(Queue::Rx, &[]);
+}
+
+// A busy-polling worker must not take a broken ring for work that never ends.
+#[test]
+fn tx_avail_index_jump_while_busy_polling() {
+    avail_index_jump(Queue::Tx, &["--busy-poll-us", "1000"]);
+}
+
+#[test]
+fn rx_avail_index_jump_while_busy_polling() {
+    avail_index_jump(Queue::Rx, &["--busy-poll-us", "1000"]);
 }
 
 // ---------------------------------------------------------------------------------------------
