@@ -56,7 +56,6 @@ struct PendingGso {
     done: usize,
 }
 
-/// Makes `buf` hold at least `len` bytes; it only ever grows, so it is zeroed once.
 /// The guest has posted chains not taken yet (a broken index counts as none).
 fn guest_has_chains<S: FrameSource + ?Sized>(ctx: &RxContext<'_, S>) -> bool {
     ctx.queue
@@ -64,6 +63,7 @@ fn guest_has_chains<S: FrameSource + ?Sized>(ctx: &RxContext<'_, S>) -> bool {
         .is_ok_and(|idx| idx.0 != ctx.queue.next_avail())
 }
 
+/// Makes `buf` hold at least `len` bytes; it only ever grows, so it is zeroed once.
 fn grow(buf: &mut Vec<u8>, len: usize) {
     if buf.len() < len {
         buf.resize(len, 0);
@@ -351,28 +351,15 @@ impl RxPath {
                 && !bounce_first
                 && self.staged_bytes < MAX_FRAME + hdr_len
             {
-                match ctx.socket.pending_len() {
-                    Ok(0) => {
-                        // A pending error (the link went down) keeps the socket readable with
-                        // nothing queued: take it, or it would wake the worker for ever.
-                        match ctx.socket.take_error() {
-                            Ok(Some(e)) => self.socket_error(ctx, e),
-                            Ok(None) => {}
-                            Err(e) => self.log(format_args!("RX: SO_ERROR: {e}")),
-                        }
-                        // With no buffers left either, wait for the guest rather than for
-                        // frames it could not take.
-                        if self.staged.is_empty() && !guest_has_chains(ctx) {
-                            return RxOutcome::NeedBuffers;
-                        }
-                        return RxOutcome::Drained;
+                let Some(len) = self.next_frame_len(ctx) else {
+                    // With no buffers left either, wait for the guest rather than for frames
+                    // it could not take.
+                    if self.staged.is_empty() && !guest_has_chains(ctx) {
+                        return RxOutcome::NeedBuffers;
                     }
-                    Ok(len) => known_len = Some(len + hdr_len),
-                    Err(e) => {
-                        self.log(format_args!("RX: SIOCINQ on packet socket: {e}"));
-                        return RxOutcome::Drained;
-                    }
-                }
+                    return RxOutcome::Drained;
+                };
+                known_len = Some(len + hdr_len);
             }
             // Room for a VLAN tag to put back, if the guest has it.
             self.stage(
@@ -392,23 +379,19 @@ impl RxPath {
                 }
             } else if capacity < MAX_FRAME + hdr_len {
                 // Not room for every possible frame: look at the next one before taking it.
-                match ctx.socket.pending_len() {
-                    Ok(0) => return RxOutcome::Drained,
+                match self.next_frame_len(ctx) {
+                    None => return RxOutcome::Drained,
                     // More buffers may come.
-                    Ok(len) if len + hdr_len > capacity && mergeable => {
+                    Some(len) if len + hdr_len > capacity && mergeable => {
                         return RxOutcome::NeedBuffers
                     }
                     // Without MRG_RXBUF a frame must fit one chain, whatever the guest posts
                     // later: take it off the socket without letting it touch guest memory.
-                    Ok(len) if len + hdr_len > capacity => {
+                    Some(len) if len + hdr_len > capacity => {
                         self.discard(ctx, len);
                         continue;
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.log(format_args!("RX: SIOCINQ on packet socket: {e}"));
-                        return RxOutcome::Drained;
-                    }
+                    Some(_) => {}
                 }
             }
             let received = if bounce_first {
@@ -432,6 +415,30 @@ impl RxPath {
             }
         }
         RxOutcome::Budget
+    }
+
+    /// Length of the next queued frame (`SIOCINQ`); `None` when nothing is queued or the socket
+    /// cannot say. A pending error (the link went down) keeps the socket readable with nothing
+    /// queued: it is taken here, or it would wake the worker for ever.
+    fn next_frame_len<S: FrameSource + ?Sized>(
+        &mut self,
+        ctx: &mut RxContext<'_, S>,
+    ) -> Option<usize> {
+        match ctx.socket.pending_len() {
+            Ok(0) => {
+                match ctx.socket.take_error() {
+                    Ok(Some(e)) => self.socket_error(ctx, e),
+                    Ok(None) => {}
+                    Err(e) => self.log(format_args!("RX: SO_ERROR on packet socket: {e}")),
+                }
+                None
+            }
+            Ok(len) => Some(len),
+            Err(e) => {
+                self.log(format_args!("RX: SIOCINQ on packet socket: {e}"));
+                None
+            }
+        }
     }
 
     /// A receive failed, or the socket had an error pending.
