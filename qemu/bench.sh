@@ -106,6 +106,8 @@ cpu() {
 # cpu_per_gb TICKS BYTES; seconds_per_gb SECONDS BYTES
 cpu_per_gb() { seconds_per_gb "$(awk -v t="$1" -v hz="$hz" 'BEGIN { print t / hz }')" "$2"; }
 seconds_per_gb() { awk -v s="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", s / (b / 1e9) }'; }
+# bench_field NAME KEY <<<OUTPUT: KEY's value on tests/bench.rs's "BENCH NAME ..." line.
+bench_field() { sed -n "s/.*BENCH $1 .* $2=\([0-9.]*\).*/\1/p"; }
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { print b - a }'; }
@@ -315,18 +317,26 @@ limit() {
 # counted at the peer veth) and peer -> frontend (tests/bench.rs inject_64 in the peer
 # namespace, counted by testpmd rxonly). The frontend's testpmd forwards on lcore 0 (a
 # vhost backend testpmd forwards on lcore 1).
+# sample_rate SYSTEM tx|rx BACKEND-PID COUNTER-COMMAND...: packets per second over pps_secs
+# (the command prints a packet count) and the backend's CPU per GB at 64 bytes a packet.
+sample_rate() {
+    local sys="$1" dir="$2" pid="$3" t0 n c
+    shift 3
+    t0=$(now) n=$("$@") c=$(cpu "$pid")
+    sleep "$pps_secs"
+    n=$(($("$@") - n)) c=$(($(cpu "$pid") - c))
+    R[$sys.pps_$dir]=$(awk -v n="$n" -v t="$(elapsed "$t0")" 'BEGIN { printf "%.3f", n / t / 1e6 }')
+    R[$sys.cpu_pps_$dir]=$(cpu_per_gb "$c" $((n * 64)))
+}
+
 pps() {
-    local sys="$1" sock="$2" pid="$3" t0 n0 c0 gen
+    local sys="$1" sock="$2" pid="$3" gen
     pmd_start front -l 0-1 --main-lcore 1 --no-huge -m 512 --no-pci \
         --vdev "net_virtio_user0,path=$sock,queues=1,mac=$mac" \
         -- -i --forward-mode=txonly "--eth-peer=0,$sink_mac" --total-num-mbufs=16384
     pmd front start "packet forwarding - ports=" >/dev/null
     sleep 1
-    t0=$(now) n0=$(peer_counter rx_packets) c0=$(cpu "$pid")
-    sleep "$pps_secs"
-    n0=$(($(peer_counter rx_packets) - n0)) c0=$(($(cpu "$pid") - c0))
-    R[$sys.pps_tx]=$(awk -v n="$n0" -v t="$(elapsed "$t0")" 'BEGIN { printf "%.3f", n / t / 1e6 }')
-    R[$sys.cpu_pps_tx]=$(cpu_per_gb "$c0" $((n0 * 64)))
+    sample_rate "$sys" tx "$pid" peer_counter rx_packets
     pmd front stop "Done." >/dev/null
     pmd front "set fwd rxonly" "Set rxonly" >/dev/null
     pmd front start "packet forwarding - ports=" >/dev/null
@@ -335,11 +345,7 @@ pps() {
         "$VP_REPO/$test_bin" --ignored --exact inject_64 --nocapture --test-threads 1
     gen=$VP_LAST_PID
     sleep 1
-    t0=$(now) n0=$(pmd_rx front) c0=$(cpu "$pid")
-    sleep "$pps_secs"
-    n0=$(($(pmd_rx front) - n0)) c0=$(($(cpu "$pid") - c0))
-    R[$sys.pps_rx]=$(awk -v n="$n0" -v t="$(elapsed "$t0")" 'BEGIN { printf "%.3f", n / t / 1e6 }')
-    R[$sys.cpu_pps_rx]=$(cpu_per_gb "$c0" $((n0 * 64)))
+    sample_rate "$sys" rx "$pid" pmd_rx front
     for _ in $(seq 100); do kill -0 "$gen" 2>/dev/null || break; sleep 0.1; done
     stop "$gen"
     R[$sys.inject]=$(sed -n 's/.*BENCH inject .* pps=\([0-9]*\).*/\1/p' "$VP_TMP/inject-$sys.log")
@@ -374,7 +380,7 @@ bulk() {
         vp_die "tests/bench.rs bulk_gso_64k failed: $out"
     stop "$vhost_pid"
     drop_namespaces
-    field() { sed -n "s/.*BENCH $1 .* $2=\([0-9.]*\).*/\1/p" <<<"$out"; }
+    field() { bench_field "$1" "$2" <<<"$out"; }
     R[vp.bulk]=$(field bulk_gso gbit)
     R[vp.cpu_bulk]=$(seconds_per_gb "$(field bulk_gso cpu_s)" "$(field bulk_gso bytes)")
     R[limit.bulk_direct]=$(field bulk_direct gbit)
@@ -414,7 +420,7 @@ rtt_icmp() {
         BENCH_PEER_NS="$VP_PEER_NS" BENCH_BACKEND_PID="$4" BENCH_PINGS=$((rtt_pings)) \
         "$VP_REPO/$test_bin" --ignored --exact rtt_icmp --nocapture 2>&1)" ||
         vp_die "tests/bench.rs rtt_icmp against $1 failed: $out"
-    field() { sed -n "s/.*BENCH rtt_icmp .* $1=\([0-9.]*\).*/\1/p" <<<"$out"; }
+    field() { bench_field rtt_icmp "$1" <<<"$out"; }
     R[$1.${2}_avg]=$(field avg_us)
     R[$1.${2}_p99]=$(field p99_us)
     R[$1.${2}_cpu]=$(awk -v c="$(field backend_cpu_s)" -v s="$(field seconds)" \
