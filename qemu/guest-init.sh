@@ -11,6 +11,7 @@
 #   VP-LINK <uptime>          eth0 configured and up
 #   VP-SHELL                  ready for commands on the console (when there is no /run.sh)
 #   VP-RUN-EXIT <status>      /run.sh (appended by qemu/boot.sh --run) finished; powering off
+# Console commands may call `load MODULE` and `eth0_up` (defined below).
 /bin/busybox --install -s /bin
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # busybox sh runs its own applets before anything on PATH; the guest needs iproute2's ip
@@ -30,23 +31,28 @@ load() {
         grep -q "^$(basename "$f" .ko | tr - _) " /proc/modules || insmod "$f"
     done
 }
+# eth0_up: wait for eth0 (the driver probes it asynchronously), then configure it from the
+# command line. Run here once, and again from the console after `rmmod virtio_net;
+# load virtio_net`.
+eth0_up() {
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+    [ -e /sys/class/net/eth0 ] || return 1
+    if [ -n "$(arg mtu)" ]; then ip link set eth0 mtu "$(arg mtu)" || return 1; fi
+    ip link set eth0 up || return 1
+    if [ -n "$(arg addr)" ]; then ip addr add "$(arg addr)" dev eth0 || return 1; fi
+    if [ -n "$(arg addr6)" ]; then ip -6 addr add "$(arg addr6)" dev eth0 nodad || return 1; fi
+}
 load virtio_pci
 load virtio_net
-i=0
-while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-if [ ! -e /sys/class/net/eth0 ]; then
+if ! eth0_up; then
     echo "VP-ERROR no eth0"
     poweroff -f
 fi
 for d in /sys/bus/virtio/devices/*; do
     [ "$(cat "$d/device")" = "0x0001" ] && echo "VP-FEATURES $(cat "$d/features")"
 done
-
 ip link set lo up
-[ -n "$(arg mtu)" ] && ip link set eth0 mtu "$(arg mtu)"
-ip link set eth0 up
-[ -n "$(arg addr)" ] && ip addr add "$(arg addr)" dev eth0
-[ -n "$(arg addr6)" ] && ip -6 addr add "$(arg addr6)" dev eth0 nodad
 echo "VP-LINK $(cut -d' ' -f1 /proc/uptime)"
 
 if [ -x /run.sh ]; then

@@ -28,7 +28,8 @@ pub struct PairStats {
     /// recvmsg errors (the kernel could not express a packet's metadata, link down).
     pub rx_drop_kernel: u64,
     /// Frames queued for this pair when the frontend disabled its RX ring, thrown away so
-    /// that they do not arrive late, after frames of the same flows on other pairs.
+    /// that they do not arrive late, after frames of the same flows on other pairs; and the
+    /// undelivered segments of a GSO frame whose RX ring was disabled or stopped.
     pub rx_drop_disabled: u64,
     pub rx_notifications: u64,
     pub rx_kicks: u64,

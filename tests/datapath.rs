@@ -538,6 +538,168 @@ fn f_frontend_reconnects_with_new_memory_and_traffic_resumes() {
     );
 }
 
+/// Sends `frames` from the peer and lets the kernel queue them on the daemon's socket, so that
+/// buffers posted afterwards take them in one pass. (If the wait were too short the burst would
+/// split; the test using it could then miss its bug, never fail wrongly.)
+fn queue_for_guest(peer: &PacketSocket, frames: &[Vec<u8>]) {
+    for f in frames {
+        peer.send_vectored(&[std::io::IoSlice::new(&[0u8; 12]), std::io::IoSlice::new(f)])
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// Waits (bounded) for a call on the RX ring; returns the calls seen.
+fn wait_rx_call(fe: &mut TestFrontend) -> u64 {
+    let deadline = std::time::Instant::now() + T;
+    while fe.rx_calls() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    fe.rx_calls()
+}
+
+#[test]
+fn g_after_a_ring_restart_the_first_burst_interrupts_even_ending_at_the_old_index() {
+    // A guest reboot or driver reload on the same connection: the rings start again from 0.
+    let Some(rig) = rig(&[]) else { return };
+    let peer = peer_socket(&rig);
+    let cfg = FrontendConfig {
+        features: GUEST_FEATURES & !feat::EVENT_IDX,
+        ..FrontendConfig::default()
+    };
+    let mut fe = TestFrontend::connect(&rig.daemon.socket, T);
+    fe.start(cfg.clone());
+    for round in 0..2u32 {
+        let frames: Vec<_> = (0..3)
+            .map(|i| marked(GUEST_MAC, rig.peer_mac, 0x10 * round + i))
+            .collect();
+        queue_for_guest(&peer, &frames);
+        fe.post_rx_buffers(3, 1536);
+        fe.kick_rx();
+        let got: Vec<_> = (0..3)
+            .map(|_| fe.recv(T).and_then(|p| marker(&p.frame)))
+            .collect();
+        let want: Vec<_> = (0..3).map(|i| Some(0x10 * round + i)).collect();
+        assert_eq!(got, want, "round {round}");
+        assert_eq!(fe.rx_used_idx(), 3, "round {round}");
+        assert!(
+            wait_rx_call(&mut fe) >= 1,
+            "round {round}: no interrupt for the burst that took used.idx to 3"
+        );
+        if round == 0 {
+            fe.restart_rings(cfg.clone());
+        }
+    }
+}
+
+/// Leaves a 14-segment TSO frame half delivered (one segment) to a guest without GUEST_TSO,
+/// then runs `reset` (which must leave RX buffers posted and autorefill on) and checks that no
+/// segment of that frame reaches the guest afterwards: the next frame is a fresh marker.
+/// `reset` returns whether the guest has GUEST_CSUM afterwards.
+fn pending_segments_do_not_survive(reset: impl FnOnce(&mut TestFrontend) -> bool) {
+    let Some(rig) = rig(&[]) else { return };
+    let peer = peer_socket(&rig);
+    let no_tso = feat::GUEST_TSO4 | feat::GUEST_TSO6 | feat::GUEST_ECN | feat::GUEST_UFO;
+    let mut fe = TestFrontend::connect(&rig.daemon.socket, T);
+    fe.start(FrontendConfig {
+        features: GUEST_FEATURES & !no_tso,
+        ..FrontendConfig::default()
+    });
+    let payload = pattern(20000, 7);
+    let (frame, csum_start, hdr_len) =
+        partial_csum_frame((GUEST_MAC, rig.peer_mac), L3::V4, 6, TCP_ACK, &payload);
+    let h = vnet_header(
+        vhdr::F_NEEDS_CSUM,
+        vhdr::GSO_TCPV4,
+        hdr_len,
+        1448,
+        csum_start,
+        16,
+        0,
+        12,
+    );
+    // One buffer that takes the whole frame: it is received, and its first segment fills it.
+    fe.post_rx(&[32768]);
+    fe.kick_rx();
+    peer.send_vectored(&[std::io::IoSlice::new(&h), std::io::IoSlice::new(&frame)])
+        .unwrap();
+    let first = fe.recv(T).expect("the first segment");
+    assert_eq!(
+        first.hdr().flags & vhdr::F_NEEDS_CSUM,
+        vhdr::F_NEEDS_CSUM,
+        "with GUEST_CSUM a segment keeps its partial checksum"
+    );
+    assert_eq!(&first.frame[usize::from(hdr_len)..], &payload[..1448]);
+    let before = rig.daemon.stats();
+
+    let guest_csum = reset(&mut fe);
+
+    let fresh = marked(GUEST_MAC, rig.peer_mac, 0x500);
+    peer.send_vectored(&[
+        std::io::IoSlice::new(&[0u8; 12]),
+        std::io::IoSlice::new(&fresh),
+    ])
+    .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let p = fe.recv(T).expect("the fresh frame never came");
+        if !guest_csum {
+            assert_eq!(
+                p.hdr().flags & vhdr::F_NEEDS_CSUM,
+                0,
+                "NEEDS_CSUM for a guest without GUEST_CSUM"
+            );
+        }
+        if p.frame == fresh {
+            break;
+        }
+        got.push(p.frame.len());
+    }
+    assert!(
+        got.is_empty(),
+        "segments of the old frame reached the guest: {got:?}"
+    );
+    let after = rig.daemon.stats();
+    assert_eq!(
+        after["rx.drops.disabled"] - before["rx.drops.disabled"],
+        13,
+        "the 13 undelivered segments are counted: {after:?}"
+    );
+}
+
+#[test]
+fn h_a_ring_restart_drops_a_half_delivered_gso_frame() {
+    pending_segments_do_not_survive(|fe| {
+        // The new driver has neither TSO nor checksum offload.
+        let features = GUEST_FEATURES
+            & !(feat::GUEST_TSO4
+                | feat::GUEST_TSO6
+                | feat::GUEST_ECN
+                | feat::GUEST_UFO
+                | feat::GUEST_CSUM);
+        fe.restart_rings(FrontendConfig {
+            features,
+            ..FrontendConfig::default()
+        });
+        fe.post_rx_buffers(64, 1536);
+        fe.set_rx_autorefill(true);
+        fe.kick_rx();
+        false
+    });
+}
+
+#[test]
+fn i_disabling_the_rx_ring_drops_a_half_delivered_gso_frame() {
+    pending_segments_do_not_survive(|fe| {
+        fe.set_queue_enabled(Queue::Rx, false);
+        fe.set_queue_enabled(Queue::Rx, true);
+        fe.post_rx_buffers(64, 1536);
+        fe.set_rx_autorefill(true);
+        fe.kick_rx();
+        true
+    });
+}
+
 #[test]
 fn sigterm_exits_promptly_and_removes_the_socket() {
     let Some(rig) = rig(&[]) else { return };

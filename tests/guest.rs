@@ -205,6 +205,52 @@ fn backend_killed_mid_flow_and_restarted() {
     );
 }
 
+/// d2) The guest reloads virtio_net three times: each time QEMU stops the rings
+/// (GET_VRING_BASE) and sets them up again from index 0 on the same vhost-user connection.
+/// eth0 is configured again after each reload; ping and TCP both ways work afterwards.
+#[test]
+fn guest_reloads_virtio_net_three_times() {
+    if !require_guest() {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let net = GuestNet::new(None, &[]);
+    let mut guest = net.boot(&GuestOptions::default());
+    ping_both_ways(&net, &mut guest);
+    let acks = |net: &GuestNet| {
+        net.daemon()
+            .log()
+            .matches("frontend acked features")
+            .count()
+    };
+    let acked_at_boot = acks(&net);
+    let mut back = Vec::new();
+    for round in 1..=3 {
+        // `load` and `eth0_up` are /init's (qemu/guest-init.sh).
+        guest.sh_ok("rmmod virtio_net && load virtio_net && eth0_up", CMD);
+        back.push(wait_for_ping(&mut guest).as_secs_f64());
+        assert!(
+            acks(&net) > acked_at_boot + round - 1,
+            "reload {round}: the rings were not set up again"
+        );
+    }
+    let rtt = ping_both_ways(&net, &mut guest);
+    let (up, down) = tcp_both_ways(&mut guest);
+    let stats = net.stats();
+    let log = net.daemon().log();
+    assert_eq!(
+        log.matches("frontend disconnected").count(),
+        0,
+        "the connection was kept: {log}"
+    );
+    assert_no_error_drops(&stats);
+    eprintln!(
+        "3 reloads: ping back after {back:.1?} s; {rtt}; guest->peer {up:.2} Gbit/s, \
+         peer->guest {down:.2} Gbit/s; rx drops disabled {}",
+        stats["rx.drops.disabled"]
+    );
+}
+
 /// e) QEMU goes away and a new QEMU connects to the same vhost-packet.
 #[test]
 fn new_qemu_connects_to_running_backend() {

@@ -220,7 +220,7 @@ impl QueuePair {
         self.rx_broken = false;
         self.tx_broken = false;
         self.rx_wants_beyond = None;
-        self.rx.reset();
+        self.stats.rx_drop_disabled += self.rx.reset();
         self.tx.reset();
     }
 
@@ -249,7 +249,8 @@ impl QueuePair {
     /// them at SET_FEATURES without PROTOCOL_FEATURES).
     ///
     /// A disabled RX ring gets no frames: the socket is no longer polled, and what it holds
-    /// when the ring is disabled or enabled again is thrown away (counted). Frames that came
+    /// when the ring is disabled or enabled again is thrown away (counted), and so is the rest
+    /// of a half-delivered GSO frame. Frames that came
     /// while the ring was off are not for the guest (a disabled NIC queue drops them), and
     /// the first could otherwise arrive after later frames of the same flows that the fanout
     /// handed to other pairs meanwhile. A disabled TX ring is drained and its chains
@@ -259,7 +260,7 @@ impl QueuePair {
         if rx {
             if std::mem::replace(&mut self.rx_enabled, enabled) != enabled {
                 let n = self.socket.discard_queued(DISCARD_LIMIT);
-                self.stats.rx_drop_disabled += n as u64;
+                self.stats.rx_drop_disabled += n as u64 + self.rx.drop_pending();
             }
             if enabled {
                 self.arm_rx();
@@ -280,13 +281,20 @@ impl QueuePair {
     }
 
     /// GET_VRING_BASE stopped one of our rings. Nothing is staged between passes (every pass
-    /// gives back the chains it did not fill), so `next_avail` is already exact; only stop
-    /// listening for what fed that ring.
+    /// gives back the chains it did not fill), so `next_avail` is already exact. The frontend
+    /// may set the ring up again on this connection from index 0 for a new driver (guest
+    /// reboot, driver reload, kexec): stop listening for what fed it, and forget everything
+    /// about the old ring (interrupt state, broken flag, a half-delivered GSO frame).
     pub fn stop_ring(&mut self, rx: bool) {
         if rx {
             self.disarm_rx();
+            self.rx_broken = false;
+            self.rx_wants_beyond = None;
+            self.stats.rx_drop_disabled += self.rx.reset();
         } else {
             self.disarm_tx();
+            self.tx_broken = false;
+            self.tx.reset();
         }
     }
 

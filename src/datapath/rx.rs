@@ -260,12 +260,27 @@ pub struct RxPass {
 }
 
 impl RxPath {
-    /// Forgets per-connection state (a new frontend starts with fresh rings).
-    pub fn reset(&mut self) {
+    /// Forgets the state of the ring it served (the ring stopped, or the connection is gone):
+    /// interrupt state, staging, and a half-delivered GSO frame. Returns how many segments of
+    /// that frame are dropped.
+    #[must_use]
+    pub fn reset(&mut self) -> u64 {
         self.notify = NotifyState::default();
-        // A new connection has new rings: a half-delivered frame of the old one is gone.
-        self.pending = None;
         self.clear_staging();
+        self.drop_pending()
+    }
+
+    /// Drops the rest of a half-delivered GSO frame. Its segments must never reach a new
+    /// driver (their checksum mode was fixed under the old features) nor a ring enabled again
+    /// later (they would come after newer frames of their flow). Returns how many are dropped.
+    #[must_use]
+    pub fn drop_pending(&mut self) -> u64 {
+        let Some(p) = self.pending.take() else {
+            return 0;
+        };
+        let frame = &self.bounce[p.start..p.start + p.len];
+        segment::plan(frame, &p.params).map_or(1, |plan| plan.segments().saturating_sub(p.done))
+            as u64
     }
 
     fn clear_staging(&mut self) {

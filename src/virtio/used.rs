@@ -39,8 +39,11 @@ impl std::fmt::Display for UsedRingUnreachable {
 /// Used-ring state that lives across processing passes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NotifyState {
-    /// `used.idx` when we last interrupted the guest; `None` until the first interrupt.
-    signalled_used: Option<Wrapping<u16>>,
+    /// `used.idx` at the last check, and whether that check interrupted; `None` before the
+    /// first. EVENT_IDX asks whether `used_event` lies in what was published since the last
+    /// *check* (as Linux, DPDK and virtio-queue do): measured from the last interrupt instead,
+    /// the range would wrap after 64K completions without one and miss every later wish.
+    last_check: Option<(Wrapping<u16>, bool)>,
 }
 
 /// The EVENT_IDX test (virtio 1.x, 2.7.10): interrupt iff `used_event` lies in `[old, new)`.
@@ -118,8 +121,9 @@ impl UsedRing {
         Ok(true)
     }
 
-    /// Decides whether the guest wants an interrupt for what was published since the last one,
-    /// and records the interrupt if so. Call after [`publish`](Self::publish).
+    /// Decides whether the guest wants an interrupt for what was published since the last
+    /// check, and records the check. Call after every [`publish`](Self::publish) that made
+    /// something visible.
     pub fn needs_notification<M: GuestMemoryBackend>(
         &self,
         mem: &M,
@@ -127,7 +131,8 @@ impl UsedRing {
         state: &mut NotifyState,
     ) -> bool {
         let new = self.published;
-        if state.signalled_used == Some(new) {
+        if state.last_check == Some((new, true)) {
+            // Nothing published since the last interrupt.
             return false;
         }
         // The used.idx store must be visible before we read the guest's wishes, or we could miss
@@ -142,9 +147,9 @@ impl UsedRing {
                 .checked_add(AVAIL_RING_OFFSET + 2 * size)
                 .and_then(|a| mem.load::<u16>(GuestAddress(a), Ordering::Acquire).ok())
                 .map(u16::from_le);
-            match (used_event, state.signalled_used) {
-                (Some(ev), Some(old)) => need_event(ev, new.0, old.0),
-                // Never signalled yet, or unreadable: interrupt rather than risk a stall.
+            match (used_event, state.last_check) {
+                (Some(ev), Some((old, _))) => need_event(ev, new.0, old.0),
+                // Never checked yet, or unreadable: interrupt rather than risk a stall.
                 _ => true,
             }
         } else {
@@ -152,9 +157,7 @@ impl UsedRing {
                 .map(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
                 .unwrap_or(true)
         };
-        if wanted {
-            state.signalled_used = Some(new);
-        }
+        state.last_check = Some((new, wanted));
         wanted
     }
 }
@@ -271,6 +274,43 @@ mod tests {
     }
 
     #[test]
+    fn event_idx_after_64k_completions_without_an_interrupt() {
+        // A guest polling through a long busy period leaves used_event behind; when it re-arms,
+        // a publish that crosses the index of the last interrupt must still see the wish.
+        let (mem, addrs) = setup(256);
+        let used_event_addr = GuestAddress(AVAIL + 4 + 2 * 256);
+        let mut state = NotifyState::default();
+        let mut ring = UsedRing::new(addrs, 0);
+        for id in 0..10 {
+            ring.push(&mem, id, 1).unwrap();
+        }
+        ring.publish(&mem).unwrap();
+        assert!(ring.needs_notification(&mem, true, &mut state), "idx 10");
+        mem.write_obj(9u16, used_event_addr).unwrap();
+        // One by one up to idx 65540 (4 mod 2^16): used_event 9 is never crossed again.
+        for n in 11..=65540u32 {
+            ring.push(&mem, (n % 256) as u16, 1).unwrap();
+            ring.publish(&mem).unwrap();
+            assert!(
+                !ring.needs_notification(&mem, true, &mut state),
+                "idx {n}: used_event 9 was not crossed"
+            );
+        }
+        assert_eq!(ring.next_used(), 4);
+        // The guest re-arms at the current index; one burst of 64 takes used.idx from 4 to 68,
+        // across 10, the index of the last interrupt.
+        mem.write_obj(4u16, used_event_addr).unwrap();
+        for id in 0..64 {
+            ring.push(&mem, id, 1).unwrap();
+        }
+        ring.publish(&mem).unwrap();
+        assert!(
+            ring.needs_notification(&mem, true, &mut state),
+            "used_event 4 lies in [4, 68): an interrupt is due"
+        );
+    }
+
+    #[test]
     fn no_interrupt_flag_without_event_idx() {
         let (mem, addrs) = setup(8);
         let mut state = NotifyState::default();
@@ -281,5 +321,9 @@ mod tests {
         assert!(!ring.needs_notification(&mem, false, &mut state));
         mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
         assert!(ring.needs_notification(&mem, false, &mut state));
+        assert!(
+            !ring.needs_notification(&mem, false, &mut state),
+            "nothing new since the interrupt"
+        );
     }
 }

@@ -802,6 +802,14 @@ impl TestFrontend {
         Ok(())
     }
 
+    /// SET_VRING_ENABLE for one ring of the active pair.
+    pub fn set_queue_enabled(&mut self, q: Queue, enable: bool) {
+        let ring = self.ring(q);
+        self.fe
+            .set_vring_enable(ring, enable)
+            .unwrap_or_else(|e| panic!("SET_VRING_ENABLE({ring}, {enable}) failed: {e}"));
+    }
+
     /// The vhost-user ring index of `q` in the active pair.
     fn ring(&self, q: Queue) -> usize {
         2 * self.active + q.index()
@@ -857,6 +865,13 @@ impl TestFrontend {
                 return Err("more than one queue pair needs the MQ protocol feature".into());
             }
         }
+        self.try_set_features(features)
+    }
+
+    /// SET_FEATURES: `features` masked with the offer, MQ with more than one pair, and
+    /// PROTOCOL_FEATURES when offered (unless told not to).
+    fn try_set_features(&mut self, features: u64) -> Result<u64, String> {
+        let offered = self.try_backend_features()?;
         let features = if self.pairs > 1 {
             features | feat::MQ
         } else {
@@ -1766,6 +1781,44 @@ impl TestFrontend {
             .get_vring_base(self.ring(q))
             .map_err(|e| format!("GET_VRING_BASE({}) failed: {e}", self.ring(q)))?;
         u16::try_from(v).map_err(|_| format!("GET_VRING_BASE({}) returned {v:#x}", self.ring(q)))
+    }
+
+    /// Resets the device on the same connection and memory, as QEMU does when the guest
+    /// reboots or reloads its driver: GET_VRING_BASE on every ring, SET_FEATURES with
+    /// `cfg.features`, then fresh rings of `cfg.queue_size` from index 0 (new kick and call
+    /// eventfds) and SET_VRING_ENABLE. What the old driver had posted is forgotten; its
+    /// buffers go back to the allocator. Returns the acked features.
+    pub fn restart_rings(&mut self, cfg: FrontendConfig) -> u64 {
+        self.try_restart_rings(cfg)
+            .unwrap_or_else(|e| panic!("ring restart failed: {e}"))
+    }
+
+    pub fn try_restart_rings(&mut self, cfg: FrontendConfig) -> Result<u64, String> {
+        for i in 0..2 * self.pairs {
+            self.fe
+                .get_vring_base(i)
+                .map_err(|e| format!("GET_VRING_BASE({i}) failed: {e}"))?;
+        }
+        for vq in std::mem::take(&mut self.vqs) {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                vq.call.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            for inflight in vq.inflight.into_values() {
+                if let Inflight::Chain(c) = inflight {
+                    for (gpa, len) in c.bufs.into_iter().chain(c.indirect) {
+                        self.alloc.free(gpa, len);
+                    }
+                }
+            }
+        }
+        let acked = self.try_set_features(cfg.features)?;
+        // A reset driver starts its rings from 0.
+        self.ring_base = 0;
+        self.try_setup_rings(cfg.queue_size)?;
+        self.try_enable_rings(true)?;
+        Ok(acked)
     }
 
     /// Stop the selected pair's rings as QEMU does on shutdown (GET_VRING_BASE for RX then TX)
