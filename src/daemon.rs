@@ -293,7 +293,10 @@ impl Daemon {
         self.backend.attach(&daemon.get_epoll_handlers());
         let internal_path = self.internal.path().to_string_lossy().into_owned();
         let handler_side = match daemon.start_client(&internal_path) {
-            Ok(()) => self.internal.accept().map_err(Error::Internal)?,
+            Ok(()) => {
+                self.backend.connected(daemon.shutdown_handle());
+                self.internal.accept().map_err(Error::Internal)?
+            }
             Err(e) => {
                 warn!("starting the vhost-user request handler: {e}");
                 self.backend.detach();
@@ -306,7 +309,12 @@ impl Daemon {
             .spawn(move || relay::relay(frontend, handler_side, &rings))
             .map_err(Error::Internal)?;
         info!("frontend connected");
-        match daemon.wait() {
+        let waited = daemon.wait();
+        match waited {
+            // A worker failed and said so; the frontend sees a disconnection.
+            _ if self.backend.disconnected() => {
+                info!("connection ended after a worker failure, waiting for the frontend to reconnect")
+            }
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,

@@ -1370,3 +1370,54 @@ fn a_disabled_pair_receives_nothing_and_discards_what_the_guest_sends() {
         [Some(0x400)]
     );
 }
+
+// ---- Operations: a worker that fails, the interface going away, its MTU changing ----
+
+/// Polls until the backend has ended the frontend's connection (a request fails).
+fn wait_disconnected(fe: &mut TestFrontend) -> bool {
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
+        if fe.try_get_config(0, 12).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_worker_that_fails_ends_the_connection_and_the_frontend_is_served_again() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    ping(&mut fe, rig.peer_mac, 1);
+    // A frontend that never reads its TX call eventfd: the worker's next signal fails (EAGAIN).
+    fe.raw_fill_call(Queue::Tx);
+    let frame = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 1));
+    let h = plain_header(&fe);
+    fe.send(&h, &frame, TxLayout::Combined);
+    fe.kick_tx();
+    assert!(
+        wait_disconnected(&mut fe),
+        "the connection outlived its failed worker:\n{}",
+        rig.daemon.log()
+    );
+    rig.daemon
+        .wait_for_log("queue pair 0: the worker failed signalling the guest", T);
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.worker_errors"], 1, "{s:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-packet"))
+        .args(["stats", "--socket", rig.daemon.socket.to_str().unwrap()])
+        .output()
+        .expect("run vhost-packet stats");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["tx", "worker_errors", "1"]),
+        "vhost-packet stats shows the failure:\n{table}"
+    );
+    drop(fe);
+    // The next connection (QEMU's reconnect=N) is served.
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    ping(&mut fe, rig.peer_mac, 2);
+}
