@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use crate::config::{Config, Endpoint, VnetHeaderMode};
 use crate::control;
 use crate::datapath::{EventIds, MacPolicy, QueuePair};
 use crate::error::Error;
-use crate::packet::interface::Interface;
+use crate::packet::interface::{Interface, LinkChanges};
 use crate::packet::probe::{fanout_ignores_outgoing, probe_uso, UsoSupport};
 use crate::packet::socket::{FanoutHandle, PacketSocket, SocketOptions, VnetMode};
 use crate::privileges;
@@ -29,6 +30,10 @@ use crate::virtio::features::{self, OfferOptions};
 
 /// How often client mode retries while the frontend's socket is absent.
 const CLIENT_RETRY: Duration = Duration::from_millis(200);
+
+/// How often the interface is looked at when netlink reports no change (its messages can be
+/// lost when the socket is full): the bound on noticing that it disappeared.
+const LINK_CHECK: Duration = Duration::from_secs(1);
 
 /// A configured daemon: interface and packet sockets open, vhost-user endpoint ready.
 pub struct Daemon {
@@ -40,6 +45,10 @@ pub struct Daemon {
     internal: InternalSocket,
     /// Where `vhost-packet stats` asks for the counters.
     stats: Option<UnixListener>,
+    /// The interface, followed while serving (see `watch_interface`).
+    iface: Interface,
+    /// Taken by the watch when serving starts.
+    links: Option<LinkChanges>,
 }
 
 impl Daemon {
@@ -65,15 +74,20 @@ impl Daemon {
             prepare_socket_path(path)?;
         }
         let iface = Interface::by_name(&config.interface)?;
+        // Subscribed before the MTU is read, so that no change goes unseen.
+        let links = LinkChanges::open().map_err(|source| Error::WatchInterface {
+            interface: config.interface.clone(),
+            source,
+        })?;
         let iface_mtu = iface.mtu()?;
+        if let Some(m) = config.mtu.filter(|&m| u32::from(m) > iface_mtu) {
+            return Err(Error::MtuAboveInterface {
+                mtu: m,
+                interface: config.interface.clone(),
+                interface_mtu: iface_mtu,
+            });
+        }
         let mtu = match config.mtu {
-            Some(m) if u32::from(m) > iface_mtu => {
-                return Err(Error::MtuAboveInterface {
-                    mtu: m,
-                    interface: config.interface.clone(),
-                    interface_mtu: iface_mtu,
-                })
-            }
             Some(m) => m,
             None => iface_mtu.min(65535) as u16,
         };
@@ -205,6 +219,8 @@ impl Daemon {
             listener,
             internal,
             stats,
+            iface,
+            links: Some(links),
         })
     }
 
@@ -226,7 +242,8 @@ impl Daemon {
         paths
     }
 
-    /// Serves one frontend after another. Returns only on an error that retrying cannot fix.
+    /// Serves one frontend after another. Returns only on an error that retrying cannot fix:
+    /// one of the serving thread's, or the interface disappearing.
     pub fn run(mut self) -> Result<(), Error> {
         if let Some(listener) = self.stats.take() {
             control::serve(
@@ -236,6 +253,34 @@ impl Daemon {
                 self.config.mac.to_string(),
             );
         }
+        let (fatal, failed) = mpsc::channel();
+        let watch = InterfaceWatch {
+            links: self.links.take().expect("run takes the link changes once"),
+            iface: self.iface.clone(),
+        };
+        let gone = fatal.clone();
+        thread::Builder::new()
+            .name("interface watch".into())
+            .spawn(move || {
+                let _ = gone.send(Err(watch.run()));
+            })
+            .map_err(|source| Error::Thread {
+                what: "interface watch",
+                source,
+            })?;
+        thread::Builder::new()
+            .name("vhost-user accept".into())
+            .spawn(move || {
+                let _ = fatal.send(self.serve_forever());
+            })
+            .map_err(|source| Error::Thread {
+                what: "vhost-user accept",
+                source,
+            })?;
+        failed.recv().unwrap_or(Ok(()))
+    }
+
+    fn serve_forever(mut self) -> Result<(), Error> {
         match self.config.endpoint.clone() {
             Endpoint::Server(path) => {
                 info!("listening on {}", path.display());
@@ -331,6 +376,42 @@ impl Daemon {
         // Dropping the daemon ends and joins this connection's workers.
         drop(daemon);
         Ok(())
+    }
+}
+
+/// Follows the interface while the daemon serves. Deleted (`ip link del`, a VF reset, moved to
+/// another namespace): the packet sockets are unhooked for good and, once privileges are
+/// dropped, cannot be reopened, so the daemon exits and the service manager starts a new one.
+struct InterfaceWatch {
+    links: LinkChanges,
+    iface: Interface,
+}
+
+impl InterfaceWatch {
+    /// Returns when the interface is gone: the error to exit with.
+    fn run(self) -> Error {
+        let mut warned = false;
+        loop {
+            if let Err(e) = self.links.wait(LINK_CHECK) {
+                if !std::mem::replace(&mut warned, true) {
+                    warn!(
+                        "watching link changes of {}: {e}; looking every {LINK_CHECK:?} instead",
+                        self.iface.name()
+                    );
+                }
+                thread::sleep(LINK_CHECK);
+            }
+            match Interface::by_index(self.iface.index()) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Error::InterfaceGone {
+                        interface: self.iface.name().to_owned(),
+                        ifindex: self.iface.index(),
+                    }
+                }
+                Err(e) => debug!("looking at {}: {e}", self.iface.name()),
+            }
+        }
     }
 }
 

@@ -1421,3 +1421,45 @@ fn a_worker_that_fails_ends_the_connection_and_the_frontend_is_served_again() {
     let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
     ping(&mut fe, rig.peer_mac, 2);
 }
+
+/// Deletes the veth under the daemon (with a frontend connected or none) and expects it to
+/// exit non-zero with one clear line, its sockets removed.
+fn deleting_the_interface_ends_the_daemon(with_frontend: bool) {
+    let Some(mut rig) = rig(&[]) else { return };
+    let fe = with_frontend.then(|| {
+        let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+        ping(&mut fe, rig.peer_mac, 1);
+        fe
+    });
+    let out = rig._host.ip(&["-o", "link", "show", "dev", "vh0"]);
+    let ifindex: u32 = String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("ifindex of vh0");
+    // The guest stays idle: nothing is sent or received that could notice.
+    rig.peer.ip(&["link", "del", "dev", "vp0"]);
+    let Some((status, log)) = rig.daemon.wait_exit(T) else {
+        panic!(
+            "vhost-packet still runs {T:?} after vh0 was deleted:\n{}",
+            rig.daemon.log()
+        );
+    };
+    assert!(!status.success(), "exit status {status}:\n{log}");
+    let line = format!(
+        "interface vh0 disappeared (ifindex {ifindex}): exiting so the service manager restarts it"
+    );
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
+    assert!(!rig.daemon.socket.exists(), "the socket is removed");
+    drop(fe);
+}
+
+#[test]
+fn the_daemon_exits_when_its_interface_disappears_under_a_connected_frontend() {
+    deleting_the_interface_ends_the_daemon(true);
+}
+
+#[test]
+fn the_daemon_exits_when_its_interface_disappears_with_no_frontend() {
+    deleting_the_interface_ends_the_daemon(false);
+}
