@@ -230,6 +230,16 @@ impl NetBackend {
         self.shared.acked.store(0, Ordering::Relaxed);
     }
 
+    /// The MTU the config space offers, read when the guest probes the device (each
+    /// connection); the interface's MTU changed.
+    pub fn set_offered_mtu(&self, mtu: u16) {
+        self.shared
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mtu = mtu;
+    }
+
     /// A connection started: how a failing worker ends it.
     pub fn connected(&self, handle: Option<ShutdownHandle>) {
         *self.connection() = handle;

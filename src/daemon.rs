@@ -47,6 +47,7 @@ pub struct Daemon {
     stats: Option<UnixListener>,
     /// The interface, followed while serving (see `watch_interface`).
     iface: Interface,
+    iface_mtu: u32,
     /// Taken by the watch when serving starts.
     links: Option<LinkChanges>,
 }
@@ -87,10 +88,7 @@ impl Daemon {
                 interface_mtu: iface_mtu,
             });
         }
-        let mtu = match config.mtu {
-            Some(m) => m,
-            None => iface_mtu.min(65535) as u16,
-        };
+        let mtu = offered_mtu(config.mtu, iface_mtu);
         if !iface.is_up()? {
             warn!(
                 "{} is down: serving anyway, traffic flows once it comes up",
@@ -220,6 +218,7 @@ impl Daemon {
             internal,
             stats,
             iface,
+            iface_mtu,
             links: Some(links),
         })
     }
@@ -257,6 +256,9 @@ impl Daemon {
         let watch = InterfaceWatch {
             links: self.links.take().expect("run takes the link changes once"),
             iface: self.iface.clone(),
+            mtu: self.iface_mtu,
+            wanted_mtu: self.config.mtu,
+            backend: self.backend.clone(),
         };
         let gone = fatal.clone();
         thread::Builder::new()
@@ -379,17 +381,29 @@ impl Daemon {
     }
 }
 
+/// The MTU the guest is offered: the interface's, or `--mtu` while the interface carries it.
+fn offered_mtu(wanted: Option<u16>, interface_mtu: u32) -> u16 {
+    let carried = interface_mtu.min(u32::from(u16::MAX)) as u16;
+    wanted.map_or(carried, |m| m.min(carried))
+}
+
 /// Follows the interface while the daemon serves. Deleted (`ip link del`, a VF reset, moved to
 /// another namespace): the packet sockets are unhooked for good and, once privileges are
 /// dropped, cannot be reopened, so the daemon exits and the service manager starts a new one.
+/// Its MTU changed: said in one warning line, and offered to the next connection (a guest reads
+/// the MTU only when it probes the device; see docs/architecture.md).
 struct InterfaceWatch {
     links: LinkChanges,
     iface: Interface,
+    /// The interface MTU last seen.
+    mtu: u32,
+    wanted_mtu: Option<u16>,
+    backend: NetBackend,
 }
 
 impl InterfaceWatch {
     /// Returns when the interface is gone: the error to exit with.
-    fn run(self) -> Error {
+    fn run(mut self) -> Error {
         let mut warned = false;
         loop {
             if let Err(e) = self.links.wait(LINK_CHECK) {
@@ -401,17 +415,43 @@ impl InterfaceWatch {
                 }
                 thread::sleep(LINK_CHECK);
             }
-            match Interface::by_index(self.iface.index()) {
-                Ok(Some(_)) => {}
+            let now = match Interface::by_index(self.iface.index()) {
+                Ok(Some(now)) => now,
                 Ok(None) => {
                     return Error::InterfaceGone {
                         interface: self.iface.name().to_owned(),
                         ifindex: self.iface.index(),
                     }
                 }
-                Err(e) => debug!("looking at {}: {e}", self.iface.name()),
+                Err(e) => {
+                    debug!("looking at {}: {e}", self.iface.name());
+                    continue;
+                }
+            };
+            // An error here is the interface going away meanwhile: seen at the next look.
+            if let Ok(mtu) = now.mtu() {
+                self.mtu_now(mtu);
             }
         }
+    }
+
+    fn mtu_now(&mut self, mtu: u32) {
+        if mtu == self.mtu {
+            return;
+        }
+        let offered = offered_mtu(self.wanted_mtu, mtu);
+        self.backend.set_offered_mtu(offered);
+        let drops = if mtu < self.mtu {
+            format!(", and what it sends above {mtu} is dropped (counted in tx drops oversize)")
+        } else {
+            String::new()
+        };
+        warn!(
+            "MTU of {} changed from {} to {mtu}: a connected guest keeps the MTU it was offered until it reconnects{drops}; the next connection is offered {offered}",
+            self.iface.name(),
+            self.mtu
+        );
+        self.mtu = mtu;
     }
 }
 

@@ -1385,6 +1385,12 @@ fn wait_disconnected(fe: &mut TestFrontend) -> bool {
     false
 }
 
+/// The MTU the device's config space offers.
+fn config_mtu(fe: &mut TestFrontend) -> u16 {
+    let cfg = fe.get_config(0, 12);
+    u16::from_le_bytes([cfg[10], cfg[11]])
+}
+
 #[test]
 fn a_worker_that_fails_ends_the_connection_and_the_frontend_is_served_again() {
     let Some(rig) = rig(&[]) else { return };
@@ -1462,4 +1468,32 @@ fn the_daemon_exits_when_its_interface_disappears_under_a_connected_frontend() {
 #[test]
 fn the_daemon_exits_when_its_interface_disappears_with_no_frontend() {
     deleting_the_interface_ends_the_daemon(false);
+}
+
+#[test]
+fn an_mtu_change_is_logged_its_drops_counted_and_the_next_guest_offered_it() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    assert_eq!(config_mtu(&mut fe), 1500);
+    rig._host.set_mtu("vh0", 1400);
+    rig.daemon
+        .wait_for_log("MTU of vh0 changed from 1500 to 1400", T);
+    // The connected guest keeps the 1500 it was given: a full-size frame is dropped, counted.
+    let h = plain_header(&fe);
+    let full = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(1500, 1));
+    send_frame(&mut fe, &h, &full);
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.drops.oversize"], 1, "{s:?}");
+    fe.stop();
+    // The next connection is offered the new MTU, and traffic flows.
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    assert_eq!(config_mtu(&mut fe), 1400);
+    ping(&mut fe, rig.peer_mac, 1);
+    // Raising it is followed too.
+    rig._host.set_mtu("vh0", 1500);
+    rig.daemon
+        .wait_for_log("MTU of vh0 changed from 1400 to 1500", T);
+    fe.stop();
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    assert_eq!(config_mtu(&mut fe), 1500);
 }
