@@ -260,25 +260,9 @@ impl Daemon {
             wanted_mtu: self.config.mtu,
             backend: self.backend.clone(),
         };
-        let gone = fatal.clone();
-        thread::Builder::new()
-            .name("interface watch".into())
-            .spawn(move || {
-                let _ = gone.send(Err(watch.run()));
-            })
-            .map_err(|source| Error::Thread {
-                what: "interface watch",
-                source,
-            })?;
-        thread::Builder::new()
-            .name("vhost-user accept".into())
-            .spawn(move || {
-                let _ = fatal.send(self.serve_forever());
-            })
-            .map_err(|source| Error::Thread {
-                what: "vhost-user accept",
-                source,
-            })?;
+        spawn_essential("interface watch", fatal.clone(), move || Err(watch.run()))?;
+        spawn_essential("vhost-user accept", fatal, move || self.serve_forever())?;
+        // Both threads send before they end; a closed channel cannot happen.
         failed.recv().unwrap_or(Ok(()))
     }
 
@@ -385,6 +369,28 @@ impl Daemon {
 fn offered_mtu(wanted: Option<u16>, interface_mtu: u32) -> u16 {
     let carried = interface_mtu.min(u32::from(u16::MAX)) as u16;
     wanted.map_or(carried, |m| m.min(carried))
+}
+
+/// Starts a thread whose end ends the daemon: its result goes to `fatal`, for `run` to return.
+/// A panic (which the panic hook has reported) ends the process, as one on the main thread
+/// would: a daemon that no longer serves must not stay up.
+fn spawn_essential(
+    what: &'static str,
+    fatal: mpsc::Sender<Result<(), Error>>,
+    body: impl FnOnce() -> Result<(), Error> + Send + 'static,
+) -> Result<(), Error> {
+    thread::Builder::new()
+        .name(what.into())
+        .spawn(
+            move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                Ok(result) => {
+                    let _ = fatal.send(result);
+                }
+                Err(_) => std::process::exit(101),
+            },
+        )
+        .map(drop)
+        .map_err(|source| Error::Thread { what, source })
 }
 
 /// Follows the interface while the daemon serves. Deleted (`ip link del`, a VF reset, moved to
