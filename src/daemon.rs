@@ -45,7 +45,7 @@ pub struct Daemon {
     internal: InternalSocket,
     /// Where `vhost-packet stats` asks for the counters.
     stats: Option<UnixListener>,
-    /// The interface, followed while serving (see `watch_interface`).
+    /// The interface and its MTU at start, followed while serving (see `InterfaceWatch`).
     iface: Interface,
     iface_mtu: u32,
     /// Taken by the watch when serving starts.
@@ -508,5 +508,19 @@ fn prepare_socket_path(path: &Path) -> Result<(), Error> {
             path: path.to_path_buf(),
             source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offered_mtu;
+
+    #[test]
+    fn the_offered_mtu_is_the_interface_one_or_mtu_while_the_interface_carries_it() {
+        assert_eq!(offered_mtu(None, 1500), 1500);
+        assert_eq!(offered_mtu(None, 70000), 65535);
+        assert_eq!(offered_mtu(Some(1400), 1500), 1400);
+        assert_eq!(offered_mtu(Some(1400), 1300), 1300);
+        assert_eq!(offered_mtu(Some(9000), 65536), 9000);
     }
 }
