@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -51,6 +51,9 @@ struct Shared {
     acked: AtomicU64,
     /// `--cpu-affinity`: CPUs for the workers, pair i on `cpus[i % len]`.
     affinity: Option<Vec<usize>>,
+    /// Ends the current connection from a worker (see `handle_event`); `None` between
+    /// connections and once a worker used it.
+    connection: Mutex<Option<ShutdownHandle>>,
 }
 
 /// The pairs whose RX ring is enabled, and the fanout program that hands frames to them alone.
@@ -143,6 +146,7 @@ impl NetBackend {
                 config: Mutex::new(config),
                 acked: AtomicU64::new(0),
                 affinity,
+                connection: Mutex::new(None),
             }),
         }
     }
@@ -224,6 +228,51 @@ impl NetBackend {
             }
         }
         self.shared.acked.store(0, Ordering::Relaxed);
+    }
+
+    /// The MTU the config space offers, read when the guest probes the device (each
+    /// connection); the interface's MTU changed.
+    pub fn set_offered_mtu(&self, mtu: u16) {
+        self.shared
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mtu = mtu;
+    }
+
+    /// A connection started: how a failing worker ends it.
+    pub fn connected(&self, handle: Option<ShutdownHandle>) {
+        *self.connection() = handle;
+    }
+
+    /// The connection ended. True if a failing worker ended it.
+    pub fn disconnected(&self) -> bool {
+        self.connection().take().is_none()
+    }
+
+    fn connection(&self) -> MutexGuard<'_, Option<ShutdownHandle>> {
+        self.shared
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One event for pair `index`'s worker.
+    fn handle_pair_event(
+        &self,
+        index: usize,
+        device_event: u16,
+        vrings: &[VringRwLock],
+    ) -> io::Result<()> {
+        let Some(mut pair) = self.worker_pair(index) else {
+            return Ok(());
+        };
+        pair.handle_event(device_event, vrings)?;
+        if pair.busy_polling() {
+            drop(pair);
+            self.poll_busily(index, vrings)?;
+        }
+        Ok(())
     }
 
     /// Whether each pair's (RX, TX) rings are enabled.
@@ -414,14 +463,16 @@ impl VhostUserBackend for NetBackend {
         if let Some(cpus) = &self.shared.affinity {
             affinity::pin_worker_once(cpus, thread_id);
         }
-        let Some(mut pair) = self.worker_pair(thread_id) else {
-            return Ok(());
-        };
-        pair.handle_event(device_event, vrings)?;
-        if pair.busy_polling() {
-            drop(pair);
-            self.poll_busily(thread_id, vrings)?;
+        let result = self.handle_pair_event(thread_id, device_event, vrings);
+        if let Err(e) = &result {
+            // The error ends this worker (vhost-user-backend's loop returns), and the pair
+            // would stay dead for the rest of the connection. End the connection instead:
+            // the frontend reconnects (QEMU's reconnect=N) and gets fresh workers.
+            error!("queue pair {thread_id}: the worker failed {e}; ending the connection so that the frontend reconnects");
+            if let Some(connection) = self.connection().take() {
+                connection.shutdown();
+            }
         }
-        Ok(())
+        result
     }
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use crate::config::{Config, Endpoint, VnetHeaderMode};
 use crate::control;
 use crate::datapath::{EventIds, MacPolicy, QueuePair};
 use crate::error::Error;
-use crate::packet::interface::Interface;
+use crate::packet::interface::{Interface, LinkChanges};
 use crate::packet::probe::{fanout_ignores_outgoing, probe_uso, UsoSupport};
 use crate::packet::socket::{FanoutHandle, PacketSocket, SocketOptions, VnetMode};
 use crate::privileges;
@@ -29,6 +30,10 @@ use crate::virtio::features::{self, OfferOptions};
 
 /// How often client mode retries while the frontend's socket is absent.
 const CLIENT_RETRY: Duration = Duration::from_millis(200);
+
+/// How often the interface is looked at when netlink reports no change (its messages can be
+/// lost when the socket is full): the bound on noticing that it disappeared.
+const LINK_CHECK: Duration = Duration::from_secs(1);
 
 /// A configured daemon: interface and packet sockets open, vhost-user endpoint ready.
 pub struct Daemon {
@@ -40,6 +45,11 @@ pub struct Daemon {
     internal: InternalSocket,
     /// Where `vhost-packet stats` asks for the counters.
     stats: Option<UnixListener>,
+    /// The interface and its MTU at start, followed while serving (see `InterfaceWatch`).
+    iface: Interface,
+    iface_mtu: u32,
+    /// Taken by the watch when serving starts.
+    links: Option<LinkChanges>,
 }
 
 impl Daemon {
@@ -65,18 +75,20 @@ impl Daemon {
             prepare_socket_path(path)?;
         }
         let iface = Interface::by_name(&config.interface)?;
+        // Subscribed before the MTU is read, so that no change goes unseen.
+        let links = LinkChanges::open().map_err(|source| Error::WatchInterface {
+            interface: config.interface.clone(),
+            source,
+        })?;
         let iface_mtu = iface.mtu()?;
-        let mtu = match config.mtu {
-            Some(m) if u32::from(m) > iface_mtu => {
-                return Err(Error::MtuAboveInterface {
-                    mtu: m,
-                    interface: config.interface.clone(),
-                    interface_mtu: iface_mtu,
-                })
-            }
-            Some(m) => m,
-            None => iface_mtu.min(65535) as u16,
-        };
+        if let Some(m) = config.mtu.filter(|&m| u32::from(m) > iface_mtu) {
+            return Err(Error::MtuAboveInterface {
+                mtu: m,
+                interface: config.interface.clone(),
+                interface_mtu: iface_mtu,
+            });
+        }
+        let mtu = offered_mtu(config.mtu, iface_mtu);
         if !iface.is_up()? {
             warn!(
                 "{} is down: serving anyway, traffic flows once it comes up",
@@ -205,6 +217,9 @@ impl Daemon {
             listener,
             internal,
             stats,
+            iface,
+            iface_mtu,
+            links: Some(links),
         })
     }
 
@@ -226,7 +241,8 @@ impl Daemon {
         paths
     }
 
-    /// Serves one frontend after another. Returns only on an error that retrying cannot fix.
+    /// Serves one frontend after another. Returns only on an error that retrying cannot fix:
+    /// one of the serving thread's, or the interface disappearing.
     pub fn run(mut self) -> Result<(), Error> {
         if let Some(listener) = self.stats.take() {
             control::serve(
@@ -236,6 +252,21 @@ impl Daemon {
                 self.config.mac.to_string(),
             );
         }
+        let (fatal, failed) = mpsc::channel();
+        let watch = InterfaceWatch {
+            links: self.links.take().expect("run takes the link changes once"),
+            iface: self.iface.clone(),
+            mtu: self.iface_mtu,
+            wanted_mtu: self.config.mtu,
+            backend: self.backend.clone(),
+        };
+        spawn_essential("interface watch", fatal.clone(), move || Err(watch.run()))?;
+        spawn_essential("vhost-user accept", fatal, move || self.serve_forever())?;
+        // Both threads send before they end; a closed channel cannot happen.
+        failed.recv().unwrap_or(Ok(()))
+    }
+
+    fn serve_forever(mut self) -> Result<(), Error> {
         match self.config.endpoint.clone() {
             Endpoint::Server(path) => {
                 info!("listening on {}", path.display());
@@ -293,7 +324,10 @@ impl Daemon {
         self.backend.attach(&daemon.get_epoll_handlers());
         let internal_path = self.internal.path().to_string_lossy().into_owned();
         let handler_side = match daemon.start_client(&internal_path) {
-            Ok(()) => self.internal.accept().map_err(Error::Internal)?,
+            Ok(()) => {
+                self.backend.connected(daemon.shutdown_handle());
+                self.internal.accept().map_err(Error::Internal)?
+            }
             Err(e) => {
                 warn!("starting the vhost-user request handler: {e}");
                 self.backend.detach();
@@ -306,7 +340,12 @@ impl Daemon {
             .spawn(move || relay::relay(frontend, handler_side, &rings))
             .map_err(Error::Internal)?;
         info!("frontend connected");
-        match daemon.wait() {
+        let waited = daemon.wait();
+        match waited {
+            // A worker failed and said so; the frontend sees a disconnection.
+            _ if self.backend.disconnected() => {
+                info!("connection ended after a worker failure, waiting for the frontend to reconnect")
+            }
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
@@ -323,6 +362,102 @@ impl Daemon {
         // Dropping the daemon ends and joins this connection's workers.
         drop(daemon);
         Ok(())
+    }
+}
+
+/// The MTU the guest is offered: the interface's, or `--mtu` while the interface carries it.
+fn offered_mtu(wanted: Option<u16>, interface_mtu: u32) -> u16 {
+    let carried = interface_mtu.min(u32::from(u16::MAX)) as u16;
+    wanted.map_or(carried, |m| m.min(carried))
+}
+
+/// Starts a thread whose end ends the daemon: its result goes to `fatal`, for `run` to return.
+/// A panic (which the panic hook has reported) ends the process, as one on the main thread
+/// would: a daemon that no longer serves must not stay up.
+fn spawn_essential(
+    what: &'static str,
+    fatal: mpsc::Sender<Result<(), Error>>,
+    body: impl FnOnce() -> Result<(), Error> + Send + 'static,
+) -> Result<(), Error> {
+    thread::Builder::new()
+        .name(what.into())
+        .spawn(
+            move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                Ok(result) => {
+                    let _ = fatal.send(result);
+                }
+                Err(_) => std::process::exit(101),
+            },
+        )
+        .map(drop)
+        .map_err(|source| Error::Thread { what, source })
+}
+
+/// Follows the interface while the daemon serves. Deleted (`ip link del`, a VF reset, moved to
+/// another namespace): the packet sockets are unhooked for good and, once privileges are
+/// dropped, cannot be reopened, so the daemon exits and the service manager starts a new one.
+/// Its MTU changed: said in one warning line, and offered to the next connection (a guest reads
+/// the MTU only when it probes the device; see docs/architecture.md).
+struct InterfaceWatch {
+    links: LinkChanges,
+    iface: Interface,
+    /// The interface MTU last seen.
+    mtu: u32,
+    wanted_mtu: Option<u16>,
+    backend: NetBackend,
+}
+
+impl InterfaceWatch {
+    /// Returns when the interface is gone: the error to exit with.
+    fn run(mut self) -> Error {
+        let mut warned = false;
+        loop {
+            if let Err(e) = self.links.wait(LINK_CHECK) {
+                if !std::mem::replace(&mut warned, true) {
+                    warn!(
+                        "watching link changes of {}: {e}; looking every {LINK_CHECK:?} instead",
+                        self.iface.name()
+                    );
+                }
+                thread::sleep(LINK_CHECK);
+            }
+            let now = match Interface::by_index(self.iface.index()) {
+                Ok(Some(now)) => now,
+                Ok(None) => {
+                    return Error::InterfaceGone {
+                        interface: self.iface.name().to_owned(),
+                        ifindex: self.iface.index(),
+                    }
+                }
+                Err(e) => {
+                    debug!("looking at {}: {e}", self.iface.name());
+                    continue;
+                }
+            };
+            // An error here is the interface going away meanwhile: seen at the next look.
+            if let Ok(mtu) = now.mtu() {
+                self.mtu_now(mtu);
+            }
+        }
+    }
+
+    fn mtu_now(&mut self, mtu: u32) {
+        if mtu == self.mtu {
+            return;
+        }
+        let offered = offered_mtu(self.wanted_mtu, mtu);
+        self.backend.set_offered_mtu(offered);
+        let drops = if mtu < self.mtu {
+            format!(", and what it sends above {mtu} is dropped (counted in tx drops oversize)")
+        } else {
+            String::new()
+        };
+        warn!(
+            "MTU of {} changed from {} to {mtu}: a connected guest keeps the MTU it was offered until it reconnects{drops}; the next connection is offered {offered}",
+            self.iface.name(),
+            self.mtu
+        );
+        self.mtu = mtu;
     }
 }
 
@@ -373,5 +508,19 @@ fn prepare_socket_path(path: &Path) -> Result<(), Error> {
             path: path.to_path_buf(),
             source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offered_mtu;
+
+    #[test]
+    fn the_offered_mtu_is_the_interface_one_or_mtu_while_the_interface_carries_it() {
+        assert_eq!(offered_mtu(None, 1500), 1500);
+        assert_eq!(offered_mtu(None, 70000), 65535);
+        assert_eq!(offered_mtu(Some(1400), 1500), 1400);
+        assert_eq!(offered_mtu(Some(1400), 1300), 1300);
+        assert_eq!(offered_mtu(Some(9000), 65536), 9000);
     }
 }

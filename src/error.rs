@@ -35,6 +35,19 @@ pub enum Error {
     Privileges(crate::privileges::PrivilegeError),
     /// Blocking or waiting for signals failed.
     Signals(io::Error),
+    /// A thread of the daemon could not be started.
+    Thread {
+        what: &'static str,
+        source: io::Error,
+    },
+    /// Subscribing to the namespace's link changes (netlink) failed.
+    WatchInterface {
+        interface: String,
+        source: io::Error,
+    },
+    /// The interface was deleted (or moved to another namespace): the packet sockets are
+    /// unhooked for good, and only a new process can open new ones.
+    InterfaceGone { interface: String, ifindex: u32 },
 }
 
 impl fmt::Display for Error {
@@ -63,6 +76,14 @@ impl fmt::Display for Error {
             Error::QueueSetup { pair, source } => write!(f, "setting up queue pair {pair}: {source}"),
             Error::Privileges(e) => e.fmt(f),
             Error::Signals(e) => write!(f, "setting up signal handling: {e}"),
+            Error::Thread { what, source } => write!(f, "starting the {what} thread: {source}"),
+            Error::WatchInterface { interface, source } => {
+                write!(f, "watching link changes of {interface} (netlink): {source}")
+            }
+            Error::InterfaceGone { interface, ifindex } => write!(
+                f,
+                "interface {interface} disappeared (ifindex {ifindex}): exiting so the service manager restarts it"
+            ),
         }
     }
 }
@@ -75,6 +96,8 @@ impl std::error::Error for Error {
             Error::Internal(e) => Some(e),
             Error::QueueSetup { source, .. } => Some(source),
             Error::Signals(e) => Some(e),
+            Error::WatchInterface { source, .. } => Some(source),
+            Error::Thread { source, .. } => Some(source),
             Error::Privileges(e) => Some(e),
             _ => None,
         }

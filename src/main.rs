@@ -227,6 +227,7 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
 
     let backend = daemon.backend().clone();
     let cleanup = daemon.paths_to_remove();
+    let on_error = cleanup.clone();
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -234,9 +235,7 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
                 Ok(Signal::DumpStats) => backend.log_stats("SIGUSR1"),
                 Ok(Signal::Terminate) => {
                     backend.log_stats("exit");
-                    for path in &cleanup {
-                        let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
-                    }
+                    remove_paths(&cleanup);
                     info!("exiting on signal");
                     std::process::exit(0);
                 }
@@ -248,5 +247,16 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
         })
         .map_err(vhost_packet::Error::Signals)?;
 
-    daemon.run()
+    // Returns only on an error (the interface disappeared, ...): main prints it and exits
+    // non-zero, so that a service manager restarts the daemon.
+    let result = daemon.run();
+    remove_paths(&on_error);
+    result
+}
+
+/// The daemon's sockets and directories, as at every exit.
+fn remove_paths(paths: &[PathBuf]) {
+    for path in paths {
+        let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
+    }
 }

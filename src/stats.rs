@@ -33,6 +33,9 @@ pub struct PairStats {
     pub rx_drop_disabled: u64,
     pub rx_notifications: u64,
     pub rx_kicks: u64,
+    /// Times the worker failed while receiving (signalling the guest): each ends the
+    /// connection, so that the frontend reconnects.
+    pub rx_worker_errors: u64,
 
     pub tx_packets: u64,
     pub tx_bytes: u64,
@@ -54,6 +57,9 @@ pub struct PairStats {
     pub tx_backpressure: u64,
     pub tx_notifications: u64,
     pub tx_kicks: u64,
+    /// Times the worker failed while sending (signalling the guest, waking itself): each ends
+    /// the connection, so that the frontend reconnects.
+    pub tx_worker_errors: u64,
 }
 
 impl std::ops::AddAssign for PairStats {
@@ -74,6 +80,7 @@ impl std::ops::AddAssign for PairStats {
             rx_drop_disabled,
             rx_notifications,
             rx_kicks,
+            rx_worker_errors,
             tx_packets,
             tx_bytes,
             tx_gso,
@@ -86,6 +93,7 @@ impl std::ops::AddAssign for PairStats {
             tx_backpressure,
             tx_notifications,
             tx_kicks,
+            tx_worker_errors,
         } = o;
         self.rx_packets += rx_packets;
         self.rx_bytes += rx_bytes;
@@ -101,6 +109,7 @@ impl std::ops::AddAssign for PairStats {
         self.rx_drop_disabled += rx_drop_disabled;
         self.rx_notifications += rx_notifications;
         self.rx_kicks += rx_kicks;
+        self.rx_worker_errors += rx_worker_errors;
         self.tx_packets += tx_packets;
         self.tx_bytes += tx_bytes;
         self.tx_gso += tx_gso;
@@ -113,6 +122,7 @@ impl std::ops::AddAssign for PairStats {
         self.tx_backpressure += tx_backpressure;
         self.tx_notifications += tx_notifications;
         self.tx_kicks += tx_kicks;
+        self.tx_worker_errors += tx_worker_errors;
     }
 }
 
@@ -153,7 +163,7 @@ pub struct Counter {
 
 impl PairStats {
     /// Every counter, in the order logs and tables show them.
-    pub fn counters(&self) -> [Counter; 26] {
+    pub fn counters(&self) -> [Counter; 28] {
         use Direction::{Rx, Tx};
         let c = |direction, name, drop, value| Counter {
             direction,
@@ -170,6 +180,7 @@ impl PairStats {
             c(Rx, "segmented", false, self.rx_segmented),
             c(Rx, "notifications", false, self.rx_notifications),
             c(Rx, "kicks", false, self.rx_kicks),
+            c(Rx, "worker_errors", false, self.rx_worker_errors),
             c(Rx, "oversize", true, self.rx_drop_oversize),
             c(Rx, "no_buffers", true, self.rx_drop_no_buffers),
             c(Rx, "offload", true, self.rx_drop_offload),
@@ -182,6 +193,7 @@ impl PairStats {
             c(Tx, "backpressure", false, self.tx_backpressure),
             c(Tx, "notifications", false, self.tx_notifications),
             c(Tx, "kicks", false, self.tx_kicks),
+            c(Tx, "worker_errors", false, self.tx_worker_errors),
             c(Tx, "malformed", true, self.tx_drop_malformed),
             c(Tx, "unnegotiated", true, self.tx_drop_unnegotiated),
             c(Tx, "spoofed", true, self.tx_drop_spoofed),
@@ -286,9 +298,9 @@ mod tests {
         .to_string();
         assert_eq!(
             s,
-            "rx packets=1 bytes=0 gso=0 multi_buffer=0 csum_completed=0 segmented=0 notifications=0 kicks=0 \
+            "rx packets=1 bytes=0 gso=0 multi_buffer=0 csum_completed=0 segmented=0 notifications=0 kicks=0 worker_errors=0 \
              drops[oversize=0 no_buffers=0 offload=0 bad_chain=0 kernel=2 disabled=0]; \
-             tx packets=0 bytes=0 gso=0 backpressure=0 notifications=0 kicks=3 \
+             tx packets=0 bytes=0 gso=0 backpressure=0 notifications=0 kicks=3 worker_errors=0 \
              drops[malformed=0 unnegotiated=0 spoofed=4 oversize=0 kernel=0 disabled=0]"
         );
     }
@@ -323,6 +335,7 @@ mod tests {
             rx_drop_disabled: 1,
             rx_notifications: 1,
             rx_kicks: 1,
+            rx_worker_errors: 1,
             tx_packets: 1,
             tx_bytes: 1,
             tx_gso: 1,
@@ -335,6 +348,7 @@ mod tests {
             tx_backpressure: 1,
             tx_notifications: 1,
             tx_kicks: 1,
+            tx_worker_errors: 1,
         };
         assert_eq!(all.counters().iter().filter(|c| c.value == 1).count(), ones);
     }

@@ -1532,3 +1532,130 @@ fn a_disabled_pair_receives_nothing_and_discards_what_the_guest_sends() {
         [Some(0x400)]
     );
 }
+
+// ---- Operations: a worker that fails, the interface going away, its MTU changing ----
+
+/// Polls until the backend has ended the frontend's connection (a request fails).
+fn wait_disconnected(fe: &mut TestFrontend) -> bool {
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
+        if fe.try_get_config(0, 12).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The MTU the device's config space offers.
+fn config_mtu(fe: &mut TestFrontend) -> u16 {
+    let cfg = fe.get_config(0, 12);
+    u16::from_le_bytes([cfg[10], cfg[11]])
+}
+
+#[test]
+fn a_worker_that_fails_ends_the_connection_and_the_frontend_is_served_again() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    ping(&mut fe, rig.peer_mac, 1);
+    // A frontend that never reads its TX call eventfd: the worker's next signal fails (EAGAIN).
+    fe.raw_fill_call(Queue::Tx);
+    let frame = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 1));
+    let h = plain_header(&fe);
+    fe.send(&h, &frame, TxLayout::Combined);
+    fe.kick_tx();
+    assert!(
+        wait_disconnected(&mut fe),
+        "the connection outlived its failed worker:\n{}",
+        rig.daemon.log()
+    );
+    rig.daemon
+        .wait_for_log("queue pair 0: the worker failed signalling the guest", T);
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.worker_errors"], 1, "{s:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-packet"))
+        .args(["stats", "--socket", rig.daemon.socket.to_str().unwrap()])
+        .output()
+        .expect("run vhost-packet stats");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["tx", "worker_errors", "1"]),
+        "vhost-packet stats shows the failure:\n{table}"
+    );
+    drop(fe);
+    // The next connection (QEMU's reconnect=N) is served.
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    ping(&mut fe, rig.peer_mac, 2);
+}
+
+/// Deletes the veth under the daemon (with a frontend connected or none) and expects it to
+/// exit non-zero with one clear line, its sockets removed.
+fn deleting_the_interface_ends_the_daemon(with_frontend: bool) {
+    let Some(mut rig) = rig(&[]) else { return };
+    let fe = with_frontend.then(|| {
+        let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+        ping(&mut fe, rig.peer_mac, 1);
+        fe
+    });
+    let out = rig._host.ip(&["-o", "link", "show", "dev", "vh0"]);
+    let ifindex: u32 = String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("ifindex of vh0");
+    // The guest stays idle: nothing is sent or received that could notice.
+    rig.peer.ip(&["link", "del", "dev", "vp0"]);
+    let Some((status, log)) = rig.daemon.wait_exit(T) else {
+        panic!(
+            "vhost-packet still runs {T:?} after vh0 was deleted:\n{}",
+            rig.daemon.log()
+        );
+    };
+    assert!(!status.success(), "exit status {status}:\n{log}");
+    let line = format!(
+        "interface vh0 disappeared (ifindex {ifindex}): exiting so the service manager restarts it"
+    );
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
+    assert!(!rig.daemon.socket.exists(), "the socket is removed");
+    drop(fe);
+}
+
+#[test]
+fn the_daemon_exits_when_its_interface_disappears_under_a_connected_frontend() {
+    deleting_the_interface_ends_the_daemon(true);
+}
+
+#[test]
+fn the_daemon_exits_when_its_interface_disappears_with_no_frontend() {
+    deleting_the_interface_ends_the_daemon(false);
+}
+
+#[test]
+fn an_mtu_change_is_logged_its_drops_counted_and_the_next_guest_offered_it() {
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    assert_eq!(config_mtu(&mut fe), 1500);
+    rig._host.set_mtu("vh0", 1400);
+    rig.daemon
+        .wait_for_log("MTU of vh0 changed from 1500 to 1400", T);
+    // The connected guest keeps the 1500 it was given: a full-size frame is dropped, counted.
+    let h = plain_header(&fe);
+    let full = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(1500, 1));
+    send_frame(&mut fe, &h, &full);
+    let s = rig.daemon.stats();
+    assert_eq!(s["tx.drops.oversize"], 1, "{s:?}");
+    fe.stop();
+    // The next connection is offered the new MTU, and traffic flows.
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    assert_eq!(config_mtu(&mut fe), 1400);
+    ping(&mut fe, rig.peer_mac, 1);
+    // Raising it is followed too.
+    rig._host.set_mtu("vh0", 1500);
+    rig.daemon
+        .wait_for_log("MTU of vh0 changed from 1400 to 1500", T);
+    fe.stop();
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
+    assert_eq!(config_mtu(&mut fe), 1500);
+}

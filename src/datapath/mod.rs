@@ -118,6 +118,19 @@ pub const BUSY_SLICE: Duration = Duration::from_millis(1);
 /// dropped by the kernel once the socket buffer is full, as for any pair without buffers.
 const DISCARD_LIMIT: usize = 1 << 16;
 
+/// What a worker was doing when it failed (see `worker_failure`).
+const CALL_RX: &str = "signalling the guest (RX call eventfd)";
+const CALL_TX: &str = "signalling the guest (TX call eventfd)";
+const RESCHEDULE: &str = "waking itself (reschedule eventfd)";
+
+/// A failure that ends the worker, and with it the connection (see
+/// `NetBackend::handle_event`): counted, and named by what it interrupted. A frontend that
+/// never reads its call eventfd gets EAGAIN here once the counter is full.
+fn worker_failure(counter: &mut u64, action: &str, source: io::Error) -> io::Error {
+    *counter += 1;
+    io::Error::new(source.kind(), format!("{action}: {source}"))
+}
+
 /// A ring whose avail index is more than a queue size ahead of what was consumed cannot be
 /// used (virtio-queue refuses every chain, yet keeps reporting work: a busy loop otherwise).
 fn ring_broken(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
@@ -381,7 +394,9 @@ impl QueuePair {
                 look_first,
             });
             if pass.notify {
-                state.signal_used_queue()?;
+                state
+                    .signal_used_queue()
+                    .map_err(|e| worker_failure(&mut self.stats.rx_worker_errors, CALL_RX, e))?;
             }
             match pass.outcome {
                 RxOutcome::Drained | RxOutcome::Budget => {
@@ -441,7 +456,9 @@ impl QueuePair {
                 source_mac: (!self.policy.allow_spoofing).then_some(self.policy.guest_mac),
             });
             if pass.notify {
-                state.signal_used_queue()?;
+                state
+                    .signal_used_queue()
+                    .map_err(|e| worker_failure(&mut self.stats.tx_worker_errors, CALL_TX, e))?;
             }
             match pass.outcome {
                 // A busy-polling worker looks again without being kicked; it turns
@@ -463,7 +480,7 @@ impl QueuePair {
                 }
                 TxOutcome::Budget => {
                     // Let RX and other pairs' events run; come back through the eventfd.
-                    self.resched.write(1)?;
+                    self.reschedule()?;
                     return Ok(());
                 }
             }
@@ -504,19 +521,28 @@ impl QueuePair {
             source_mac: None,
         });
         if pass.notify {
-            state.signal_used_queue()?;
+            state
+                .signal_used_queue()
+                .map_err(|e| worker_failure(&mut self.stats.tx_worker_errors, CALL_TX, e))?;
         }
         if pass.outcome == TxOutcome::Budget {
-            self.resched.write(1)?;
+            self.reschedule()?;
         } else if state
             .get_queue_mut()
             .enable_notification(&*mem)
             .unwrap_or(false)
         {
             // The guest added chains while notifications were off: come back for them.
-            self.resched.write(1)?;
+            self.reschedule()?;
         }
         Ok(())
+    }
+
+    /// Comes back to TX through the reschedule eventfd, after the other events.
+    fn reschedule(&mut self) -> io::Result<()> {
+        self.resched
+            .write(1)
+            .map_err(|e| worker_failure(&mut self.stats.tx_worker_errors, RESCHEDULE, e))
     }
 
     fn note_work(&mut self) {
@@ -564,7 +590,7 @@ impl QueuePair {
             return Ok(false);
         }
         if now >= slice_end {
-            self.resched.write(1)?;
+            self.reschedule()?;
             return Ok(false);
         }
         Ok(true)

@@ -8,6 +8,7 @@ use std::ffi::c_int;
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 use super::error::PacketError;
 
@@ -67,6 +68,39 @@ impl Interface {
             name: name.to_owned(),
             index,
         })
+    }
+
+    /// The interface that has index `index` now (`SIOCGIFNAME`), under its current name;
+    /// `None` if there is none (it was deleted, or moved to another network namespace).
+    pub fn by_index(index: u32) -> Result<Option<Interface>, PacketError> {
+        let ctl = control_socket()?;
+        // SAFETY: all-zero bytes are a valid `ifreq` (see `IfReq::new`).
+        let mut ifr: libc::ifreq = unsafe { mem::zeroed() };
+        ifr.ifr_ifru.ifru_ifindex = index as c_int;
+        // SAFETY: SIOCGIFNAME reads `ifru_ifindex` from and writes the NUL-terminated name into
+        // the `ifreq` we pass, which is valid, writable and lives across the call.
+        let rc =
+            unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFNAME as libc::Ioctl, &mut ifr) };
+        if rc < 0 {
+            let source = io::Error::last_os_error();
+            if source.raw_os_error() == Some(libc::ENODEV) {
+                return Ok(None);
+            }
+            return Err(PacketError::LookupInterface {
+                name: format!("with index {index}"),
+                source,
+            });
+        }
+        let name: Vec<u8> = ifr
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        Ok(Some(Interface {
+            name: String::from_utf8_lossy(&name).into_owned(),
+            index,
+        }))
     }
 
     /// The interface index, as used in `sockaddr_ll` and `packet_mreq`.
@@ -149,6 +183,92 @@ impl Interface {
         };
         let ctl = control_socket()?;
         IfReq::new(&self.name)?.ioctl(&ctl, request).map_err(err)
+    }
+}
+
+/// Link changes in the calling thread's network namespace: a `NETLINK_ROUTE` socket in the
+/// `RTMGRP_LINK` group, which the kernel tells of every link added, changed (MTU, flags, name)
+/// or deleted. Joining it needs no privilege. The messages are not parsed: a wake-up only
+/// says "look again" (the kernel drops messages when the socket is full, and reports that as
+/// ENOBUFS, which means the same).
+#[derive(Debug)]
+pub struct LinkChanges {
+    fd: OwnedFd,
+}
+
+impl LinkChanges {
+    pub fn open() -> io::Result<LinkChanges> {
+        // SAFETY: plain socket(2) call with constant arguments; no pointers involved.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2), is open and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero bytes are a valid `sockaddr_nl` (integers only).
+        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: `addr` is a valid `sockaddr_nl` and the length passed is its size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkChanges { fd })
+    }
+
+    /// Waits until a link changes or `timeout` passes, then takes every pending message.
+    pub fn wait(&self, timeout: Duration) -> io::Result<()> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
+        // SAFETY: one valid `pollfd`, and the count passed is 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: `buf` is valid and writable for its length for the duration of the call.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(()),
+                // Messages were lost: the caller looks again anyway.
+                Some(libc::ENOBUFS) | Some(libc::EINTR) => continue,
+                _ => return Err(e),
+            }
+        }
     }
 }
 
@@ -252,6 +372,13 @@ mod tests {
             matches!(err, PacketError::InvalidInterfaceName { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_index_names_its_interface_or_none() {
+        let lo = Interface::by_index(1).unwrap().expect("lo has index 1");
+        assert_eq!(lo, Interface::by_name("lo").unwrap());
+        assert_eq!(Interface::by_index(u32::MAX >> 1).unwrap(), None);
     }
 
     #[test]

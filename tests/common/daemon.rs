@@ -227,6 +227,21 @@ impl Daemon {
             .collect()
     }
 
+    /// Waits up to `timeout` for the process to exit on its own: its status and log, or `None`
+    /// if it is still running (it is then killed on drop as usual).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some((status, self.log()));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(mut self) -> String {
         let _ = self.child.kill();

@@ -50,7 +50,7 @@
 //!        .raw_alloc_desc / raw_free_desc / raw_write_desc(Queue, index, RawDesc) / raw_read_desc
 //!        .raw_push_avail(Queue, head)              write avail slot + publish idx+1 (tracked as "raw")
 //!        .raw_write_avail_slot(Queue, slot, head) / raw_set_avail_idx(Queue, idx) / raw_set_avail_flags
-//!        .raw_set_used_event(Queue, v)
+//!        .raw_set_used_event(Queue, v)  .raw_fill_call(Queue)  (the backend's next signal fails: EAGAIN)
 //!        .alloc_buffer(size) -> u64 / free_buffer(gpa, size) / write_guest(gpa, &[u8]) / read_guest(gpa, len)
 //!        .ring_layout(Queue) -> RingLayout  .guest_mem_size()  .raw_frontend() -> &mut vhost Frontend
 //!   .stop(self) -> (u16, u16)                      GET_VRING_BASE for RX and TX of the selected pair, then disconnect
@@ -1738,6 +1738,17 @@ impl TestFrontend {
         let ring = self.vq(q).ring;
         self.mem()
             .store_u16(v, ring.used_event_addr(), Ordering::Release);
+    }
+
+    /// Fills the queue's call eventfd to its limit (0xffff_ffff_ffff_fffe), as a frontend that
+    /// never reads it would: the backend's next signal on it fails with EAGAIN (the eventfd is
+    /// non-blocking). Calls must not be waited for afterwards, which would drain it.
+    pub fn raw_fill_call(&mut self, q: Queue) {
+        self.drain_calls();
+        self.vq(q)
+            .call
+            .write(u64::MAX - 1)
+            .unwrap_or_else(|e| panic!("filling the {q:?} call eventfd: {e}"));
     }
 
     /// Allocate guest memory for a buffer (64-byte aligned). Panics when memory is exhausted.
