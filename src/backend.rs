@@ -350,7 +350,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        features::offered_protocol(self.shared.pairs.len())
+        features::offered_protocol()
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -19,6 +19,8 @@
 //! - A request for a ring the device does not have, and a `SET_VRING_NUM` that is not a power
 //!   of two up to `--queue-size`, are refused by the relay (see [`refuse`]): the handler would
 //!   end the session on the first, and accept the second for virtio-queue to ignore.
+//! - `ADD_MEM_REG` of a region already added, and `REM_MEM_REG` of a region added more often
+//!   than removed, are answered by the relay: QEMU before 8.0 sends both once per queue pair.
 //!
 //! Only control messages pass here; guest memory and eventfds are handed on as descriptors,
 //! never copied.
@@ -28,7 +30,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -46,11 +48,14 @@ const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_RESET_OWNER: u32 = 4;
+const REQ_SET_MEM_TABLE: u32 = 5;
 const REQ_SET_VRING_NUM: u32 = 8;
 const REQ_GET_VRING_BASE: u32 = 11;
 const REQ_SET_VRING_KICK: u32 = 12;
 const REQ_SET_VRING_ERR: u32 = 14;
 const REQ_SET_VRING_ENABLE: u32 = 18;
+const REQ_ADD_MEM_REG: u32 = 37;
+const REQ_REM_MEM_REG: u32 = 38;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -320,6 +325,40 @@ fn ring_index(msg: &Message) -> Option<u32> {
     )
 }
 
+/// One region of an `ADD_MEM_REG`/`REM_MEM_REG` payload: (GPA, size) and where it comes from
+/// (frontend address, offset, file).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Region {
+    gpa: u64,
+    size: u64,
+    user_addr: u64,
+    mmap_offset: u64,
+    /// (st_dev, st_ino) of the file that came with ADD_MEM_REG.
+    file: Option<(u64, u64)>,
+}
+
+impl Region {
+    /// The payload is a u64 of padding, then GPA, size, frontend address and offset.
+    fn of(msg: &Message) -> Option<Region> {
+        let u64_at = |i: usize| {
+            Some(u64::from_le_bytes(
+                msg.payload.get(8 * i..8 * i + 8)?.try_into().ok()?,
+            ))
+        };
+        let file = msg.fds.first().and_then(|fd| {
+            let meta = fs::File::from(fd.try_clone().ok()?).metadata().ok()?;
+            Some((meta.dev(), meta.ino()))
+        });
+        Some(Region {
+            gpa: u64_at(1)?,
+            size: u64_at(2)?,
+            user_addr: u64_at(3)?,
+            mmap_offset: u64_at(4)?,
+            file,
+        })
+    }
+}
+
 /// What the relay remembers of one connection.
 #[derive(Default)]
 struct Session {
@@ -327,6 +366,12 @@ struct Session {
     protocol_acked: bool,
     /// Ring index -> last requested state, in ring order for the replay.
     held: BTreeMap<u32, u32>,
+    /// Regions added with ADD_MEM_REG, by (GPA, size), with how many adds are not yet
+    /// matched by a REM_MEM_REG. QEMU before 8.0 drives each queue pair as a vhost device of
+    /// its own on the one connection, and each adds and removes every region; the handler
+    /// must see the first add and the last remove only (a second add overlaps, a second
+    /// remove finds nothing, and either would end the session).
+    regions: BTreeMap<(u64, u64), (Region, u32)>,
 }
 
 /// Frontend to handler: requests, with early SET_VRING_ENABLE held back until SET_FEATURES.
@@ -401,6 +446,50 @@ fn forward_requests(
                 session.held.clear();
                 rings.reset();
                 msg.write(handler)?;
+            }
+            REQ_SET_MEM_TABLE => {
+                session.regions.clear();
+                msg.write(handler)?;
+            }
+            REQ_ADD_MEM_REG => match Region::of(&msg) {
+                Some(region) => match session.regions.get_mut(&(region.gpa, region.size)) {
+                    Some((known, adds)) if *known == region => {
+                        *adds += 1;
+                        debug!(
+                            "ADD_MEM_REG of the region at GPA {:#x} again ({} adds): answered, not mapped twice",
+                            region.gpa, adds
+                        );
+                        answer(&msg, 0, to_frontend)?;
+                    }
+                    // A different region at that place: the handler refuses the overlap.
+                    Some(_) => msg.write(handler)?,
+                    None => {
+                        session
+                            .regions
+                            .insert((region.gpa, region.size), (region, 1));
+                        msg.write(handler)?;
+                    }
+                },
+                None => msg.write(handler)?,
+            },
+            REQ_REM_MEM_REG => {
+                let key = Region::of(&msg).map(|r| (r.gpa, r.size));
+                match key.and_then(|k| session.regions.get_mut(&k)) {
+                    Some((_, adds)) if *adds > 1 => {
+                        *adds -= 1;
+                        debug!(
+                            "REM_MEM_REG of a region added {} more times: answered, kept mapped",
+                            adds
+                        );
+                        answer(&msg, 0, to_frontend)?;
+                    }
+                    _ => {
+                        if let Some(k) = key {
+                            session.regions.remove(&k);
+                        }
+                        msg.write(handler)?;
+                    }
+                }
             }
             _ => msg.write(handler)?,
         }
@@ -616,6 +705,66 @@ mod tests {
         let replayed = Message::read(&handler).unwrap().unwrap();
         assert_eq!(replayed.request(), REQ_SET_VRING_ENABLE);
         assert_eq!(calls.lock().unwrap().last(), Some(&(0, true)));
+        drop(qemu);
+        t.join().unwrap().unwrap();
+    }
+
+    /// An ADD_MEM_REG/REM_MEM_REG payload for (gpa, size), with `file`'s descriptor on ADD.
+    fn mem_reg(request: u32, gpa: u64, size: u64, file: Option<&fs::File>) -> Message {
+        let payload = [0, gpa, size, 0x7f00_0000_0000 + gpa, 0]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let mut m = Message::new(request, FLAG_VERSION | FLAG_NEED_REPLY, payload);
+        if let Some(f) = file {
+            m.fds.push(OwnedFd::from(f.try_clone().unwrap()));
+        }
+        m
+    }
+
+    #[test]
+    fn duplicate_memory_regions_reach_the_handler_once_and_go_with_the_last_remove() {
+        let (qemu, relay_front) = pair();
+        let (relay_back, handler) = pair();
+        let (t, _) = spawn_relay(relay_front, relay_back);
+        let file = fs::File::open("/dev/null").unwrap();
+        let other = fs::File::open("/proc/self/exe").unwrap();
+        let gpa = 1 << 32;
+        // First add: forwarded with its descriptor. Second, identical: answered here.
+        mem_reg(REQ_ADD_MEM_REG, gpa, 4096, Some(&file))
+            .write(&qemu)
+            .unwrap();
+        let got = Message::read(&handler).unwrap().unwrap();
+        assert_eq!((got.request(), got.fds.len()), (REQ_ADD_MEM_REG, 1));
+        mem_reg(REQ_ADD_MEM_REG, gpa, 4096, Some(&file))
+            .write(&qemu)
+            .unwrap();
+        assert_eq!(
+            Message::read(&qemu).unwrap().unwrap().u64_payload(),
+            Some(0)
+        );
+        // The same place from another file is no duplicate: the handler decides.
+        mem_reg(REQ_ADD_MEM_REG, gpa, 4096, Some(&other))
+            .write(&qemu)
+            .unwrap();
+        assert_eq!(Message::read(&handler).unwrap().unwrap().request(), 37);
+        // Two removes: the first answered here, the last forwarded.
+        mem_reg(REQ_REM_MEM_REG, gpa, 4096, None)
+            .write(&qemu)
+            .unwrap();
+        assert_eq!(
+            Message::read(&qemu).unwrap().unwrap().u64_payload(),
+            Some(0)
+        );
+        mem_reg(REQ_REM_MEM_REG, gpa, 4096, None)
+            .write(&qemu)
+            .unwrap();
+        assert_eq!(Message::read(&handler).unwrap().unwrap().request(), 38);
+        // Gone: another remove is the handler's to judge.
+        mem_reg(REQ_REM_MEM_REG, gpa, 4096, None)
+            .write(&qemu)
+            .unwrap();
+        assert_eq!(Message::read(&handler).unwrap().unwrap().request(), 38);
         drop(qemu);
         t.join().unwrap().unwrap();
     }

@@ -683,3 +683,83 @@ fn a_queue_larger_than_queue_size_is_refused_with_a_reply_not_a_disconnect() {
         "the frontend asks for a queue of 2048 descriptors, but sizes must be a power of two up to --queue-size 1024",
     );
 }
+
+// ---- protocol: memory slots with several pairs ---------------------------------------------
+
+/// How many mappings of the memfd `name` the daemon has.
+fn daemon_mappings(rig: &Rig, name: &str) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", rig.daemon.pid())).unwrap();
+    let tag = format!("/memfd:{name} ");
+    maps.lines().filter(|l| l.contains(&tag)).count()
+}
+
+#[test]
+fn memory_slots_with_two_pairs_take_each_region_once_per_pair_as_qemu_7_2_sends_it() {
+    // QEMU 7.2 drives each pair as a vhost device of its own on the one connection, and each
+    // sends ADD_MEM_REG for every region and, on unplug, REM_MEM_REG: twice the same request
+    // with two pairs. The first ADD maps the region, the second is answered without a second
+    // mapping; the first REM is answered while the other pair still has the region, the
+    // second unmaps it.
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    use vhost::vhost_user::VhostUserFrontend;
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig);
+    let slots = P::CONFIGURE_MEM_SLOTS.bits();
+    assert_ne!(
+        fe.backend_protocol_features() & slots,
+        0,
+        "CONFIGURE_MEM_SLOTS offered with two pairs"
+    );
+    assert_ne!(fe.acked_protocol_features() & slots, 0);
+    assert!(fe.raw_frontend().get_max_mem_slots().unwrap() >= 10);
+    // Nine regions beyond the guest RAM: with the RAM that is more than SET_MEM_TABLE's 8.
+    let names: Vec<String> = (0..9).map(|i| format!("vp-slot-{i}")).collect();
+    let regions: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let name = std::ffi::CString::new(n.as_str()).unwrap();
+            common::frontend::memfd_region(&name, (1 << 32) + (i as u64) * (2 << 20), 2 << 20)
+                .unwrap()
+        })
+        .collect();
+    for pair in 0..PAIRS {
+        for (r, n) in regions.iter().zip(&names) {
+            fe.raw_frontend()
+                .add_mem_region(&r.info)
+                .unwrap_or_else(|e| panic!("pair {pair}: ADD_MEM_REG {n}: {e}"));
+        }
+    }
+    assert_connected(&rig, &mut fe);
+    for n in &names {
+        assert_eq!(daemon_mappings(&rig, n), 1, "{n} mapped once");
+    }
+    both_pairs_carry_frames(&rig, &mut fe, 0);
+
+    // Unplug, as pair 0 sends it: the region stays, pair 1 still has it.
+    for (r, n) in regions.iter().zip(&names) {
+        fe.raw_frontend()
+            .remove_mem_region(&r.info)
+            .unwrap_or_else(|e| panic!("pair 0: REM_MEM_REG {n}: {e}"));
+    }
+    assert_connected(&rig, &mut fe);
+    for n in &names {
+        assert_eq!(daemon_mappings(&rig, n), 1, "{n} still mapped for pair 1");
+    }
+    // Pair 1's REM_MEM_REG: now the region goes.
+    for (r, n) in regions.iter().zip(&names) {
+        fe.raw_frontend()
+            .remove_mem_region(&r.info)
+            .unwrap_or_else(|e| panic!("pair 1: REM_MEM_REG {n}: {e}"));
+    }
+    assert_connected(&rig, &mut fe);
+    // Unmapped once the last pass holding the old table ends: a bounded wait.
+    let deadline = Instant::now() + T;
+    while names.iter().any(|n| daemon_mappings(&rig, n) > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for n in &names {
+        assert_eq!(daemon_mappings(&rig, n), 0, "{n} unmapped");
+    }
+    both_pairs_carry_frames(&rig, &mut fe, 1000);
+}
