@@ -17,7 +17,7 @@
 //! - `RESET_OWNER`: the handler forgets the acked features; the relay forgets that
 //!   PROTOCOL_FEATURES was acked, and the backend its features and ring states.
 //! - A request for a ring the device does not have, and a `SET_VRING_NUM` that is not a power
-//!   of two up to `--queue-size`, are refused by the relay (see [`refuse`]): the handler would
+//!   of two up to `--queue-size`, are refused by the relay (see `refuse`): the handler would
 //!   end the session on the first, and accept the second for virtio-queue to ignore.
 //! - `ADD_MEM_REG` of a region already added, and `REM_MEM_REG` of a region added more often
 //!   than removed, are answered by the relay: QEMU before 8.0 sends both once per queue pair.

@@ -561,7 +561,8 @@ fn sigterm_exits_promptly_and_removes_the_socket() {
 
 #[test]
 fn forced_ten_byte_socket_header_inserts_and_strips_num_buffers() {
-    // What a kernel before 6.4 offers: PACKET_VNET_HDR (10 bytes) with a 12-byte guest header.
+    // What a kernel without PACKET_VNET_HDR_SZ offers: PACKET_VNET_HDR (10 bytes) with a
+    // 12-byte guest header.
     let Some(rig) = rig(&["--vnet-hdr", "10"]) else {
         return;
     };
