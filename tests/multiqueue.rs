@@ -241,17 +241,6 @@ fn send_marked(fe: &mut TestFrontend, dst: [u8; 6], markers: std::ops::Range<u32
     );
 }
 
-/// `vhost-packet stats --json` for the rig's daemon.
-fn stats_json(rig: &Rig) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-packet"))
-        .args(["stats", "--json", "--socket"])
-        .arg(&rig.daemon.socket)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The CPUs each worker thread (vhost-user-backend names them `vring_worker`) may run on, as
 /// /proc shows them (`0-1`, `1`), sorted.
 fn worker_cpus(pid: u32) -> Vec<String> {
@@ -376,7 +365,7 @@ fn pairs_are_disabled_and_enabled_again_while_traffic_flows() {
         off.check();
         let flows_on_0: BTreeSet<u16> = off.by_pair[0].iter().map(|f| f.0).collect();
         assert_eq!(flows_on_0.len(), 16, "every flow moved to pair 0");
-        let json = stats_json(&rig);
+        let json = rig.daemon.stats_json();
         for want in [
             "{\"index\":0,\"rx_enabled\":true,\"tx_enabled\":true,",
             "{\"index\":1,\"rx_enabled\":false,\"tx_enabled\":false,",
