@@ -312,6 +312,27 @@ impl RingSwitch for NetBackend {
         2 * self.shared.pairs.len() as u32
     }
 
+    fn queue_size_limit(&self) -> u32 {
+        self.shared.queue_size as u32
+    }
+
+    fn reset(&self) {
+        info!("RESET_OWNER: the pairs forget the acked features and ring states");
+        let mut steering = self.steering();
+        steering.set_all(false);
+        steering.set_mq(false);
+        for i in 0..self.shared.pairs.len() {
+            if let Some(mut p) = self.pair(i) {
+                p.set_ring_enabled(true, false);
+                p.set_ring_enabled(false, false);
+                if let Err(e) = p.set_features(Negotiated::default()) {
+                    warn!("queue pair {i}: {e}");
+                }
+            }
+        }
+        self.shared.acked.store(0, Ordering::Relaxed);
+    }
+
     fn set_ring_enabled(&self, index: u32, enabled: bool) {
         let (pair, rx) = (index as usize / 2, index % 2 == 0);
         debug!(
@@ -378,7 +399,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        features::offered_protocol(self.shared.pairs.len())
+        features::offered_protocol()
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -27,10 +27,11 @@ impl Endpoint {
 /// Which virtio net header the packet socket carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VnetHeaderMode {
-    /// `PACKET_VNET_HDR_SZ` (Linux >= 6.4) when available, else the 10-byte fallback.
+    /// `PACKET_VNET_HDR_SZ` when the kernel has it (`packet::socket::VNET_HDR_SZ_SINCE`),
+    /// else the 10-byte fallback.
     Auto,
     /// Force the 10-byte `PACKET_VNET_HDR` with `num_buffers` handled in userspace, as on
-    /// kernels before 6.4.
+    /// kernels without `PACKET_VNET_HDR_SZ`.
     Legacy10,
 }
 

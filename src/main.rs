@@ -114,8 +114,8 @@ struct Cli {
     #[arg(long, value_name = "USER")]
     user: Option<String>,
 
-    /// Virtio net header on the packet socket: `auto` uses PACKET_VNET_HDR_SZ (Linux >= 6.4)
-    /// and falls back to 10 bytes on older kernels; `10` forces that fallback.
+    /// Virtio net header on the packet socket: `auto` uses PACKET_VNET_HDR_SZ where the
+    /// kernel has it and falls back to 10 bytes where not; `10` forces that fallback.
     #[arg(long, value_name = "auto|10", default_value = "auto", value_parser = ["auto", "10"])]
     vnet_hdr: String,
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::frontend::{
-    feat, hdr as vhdr, vnet_header, FrontendConfig, Queue, TestFrontend, TxLayout,
+    feat, hdr as vhdr, raw_message, raw_reply, vnet_header, FrontendConfig, Queue, TestFrontend,
+    TxLayout,
 };
 use common::netns::{require_root_and_tools, veth_pair, NetNs};
 use common::packets::*;
@@ -722,7 +723,8 @@ fn sigterm_exits_promptly_and_removes_the_socket() {
 
 #[test]
 fn forced_ten_byte_socket_header_inserts_and_strips_num_buffers() {
-    // What a kernel before 6.4 offers: PACKET_VNET_HDR (10 bytes) with a 12-byte guest header.
+    // What a kernel without PACKET_VNET_HDR_SZ offers: PACKET_VNET_HDR (10 bytes) with a
+    // 12-byte guest header.
     let Some(rig) = rig(&["--vnet-hdr", "10"]) else {
         return;
     };
@@ -1230,11 +1232,8 @@ fn every_gso_kind_from_the_guest_leaves_only_when_negotiated() {
 
 /// Sends a raw vhost-user `SET_VRING_ENABLE` (request 18) with the given flags.
 fn raw_vring_enable(stream: &mut std::os::unix::net::UnixStream, index: u32, on: u32, flags: u32) {
-    let mut msg = Vec::new();
-    for word in [18u32, flags, 8, index, on] {
-        msg.extend_from_slice(&word.to_le_bytes());
-    }
-    stream.write_all(&msg).unwrap();
+    let payload: Vec<u8> = [index, on].iter().flat_map(|w| w.to_le_bytes()).collect();
+    raw_message(stream, 18, flags, &payload);
 }
 
 #[test]
@@ -1255,6 +1254,61 @@ fn vring_enable_before_set_features_as_qemu_sends_it() {
     assert_eq!(reply[4..8], 0x5u32.to_le_bytes(), "version | reply");
     assert_eq!(reply[12..20], 0u64.to_le_bytes(), "success");
     stream.set_read_timeout(None).unwrap();
+    let mut fe = TestFrontend::from_stream(stream);
+    fe.start(FrontendConfig {
+        features: GUEST_FEATURES,
+        queue_size: 256,
+        mem_size: 64 << 20,
+    });
+    fe.post_rx_buffers(64, 1536);
+    fe.set_rx_autorefill(true);
+    fe.kick_rx();
+    ping(&mut fe, rig.peer_mac, 1);
+    assert!(
+        !rig.daemon.log().contains("connection ended"),
+        "{}",
+        rig.daemon.log()
+    );
+}
+
+// ---- protocol: RESET_OWNER ----------------------------------------------------------------
+
+#[test]
+fn vring_enable_after_reset_owner_and_before_set_features_is_answered() {
+    // RESET_OWNER makes the request handler forget the acked features, PROTOCOL_FEATURES
+    // among them. The relay must forget them too: a SET_VRING_ENABLE before the next
+    // SET_FEATURES is then an early one, answered by the relay, not forwarded to a handler
+    // that refuses it and ends the session.
+    let Some(rig) = rig(&[]) else { return };
+    let mut stream = std::os::unix::net::UnixStream::connect(&rig.daemon.socket).unwrap();
+    raw_message(&mut stream, 3, 0x1, &[]); // SET_OWNER
+    raw_message(&mut stream, 2, 0x1, &feat::PROTOCOL_FEATURES.to_le_bytes()); // SET_FEATURES
+    raw_vring_enable(&mut stream, 1, 1, 0x1); // forwarded: PROTOCOL_FEATURES is acked
+    let tx_on = "\"index\":0,\"rx_enabled\":false,\"tx_enabled\":true";
+    let deadline = std::time::Instant::now() + T;
+    while !rig.daemon.stats_json().contains(tx_on) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(rig.daemon.stats_json().contains(tx_on), "TX ring enabled");
+    raw_message(&mut stream, 4, 0x1, &[]); // RESET_OWNER
+    raw_vring_enable(&mut stream, 0, 1, 0x1 | 0x8);
+    let reply = raw_reply(&mut stream, T).unwrap_or_else(|| {
+        panic!(
+            "no reply to SET_VRING_ENABLE after RESET_OWNER: {}",
+            rig.daemon.log()
+        )
+    });
+    assert_eq!((reply.0, reply.1), (18, 0x5), "a SET_VRING_ENABLE reply");
+    assert_eq!(reply.2, 0u64.to_le_bytes(), "success");
+    // The reset reached the pairs: no ring enabled, no features acked (the relay resets the
+    // backend before it forwards RESET_OWNER, so this holds once the reply came).
+    let json = rig.daemon.stats_json();
+    assert!(
+        json.contains("\"acked_features\":null")
+            && json.contains("\"index\":0,\"rx_enabled\":false,\"tx_enabled\":false"),
+        "after RESET_OWNER: {json}"
+    );
+    // A full setup on the same connection then carries frames.
     let mut fe = TestFrontend::from_stream(stream);
     fe.start(FrontendConfig {
         features: GUEST_FEATURES,

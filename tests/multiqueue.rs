@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::frontend::{feat, hdr as vhdr, vnet_header, FrontendConfig, TestFrontend, TxLayout};
+use common::frontend::{
+    feat, hdr as vhdr, raw_message, raw_reply, vnet_header, FrontendConfig, TestFrontend, TxLayout,
+};
 use common::netns::{require_root_and_tools, veth_pair, NetNs};
 use common::packets::*;
 use vhost_packet::packet::interface::Interface;
@@ -239,17 +241,6 @@ fn send_marked(fe: &mut TestFrontend, dst: [u8; 6], markers: std::ops::Range<u32
     );
 }
 
-/// `vhost-packet stats --json` for the rig's daemon.
-fn stats_json(rig: &Rig) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-packet"))
-        .args(["stats", "--json", "--socket"])
-        .arg(&rig.daemon.socket)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The CPUs each worker thread (vhost-user-backend names them `vring_worker`) may run on, as
 /// /proc shows them (`0-1`, `1`), sorted.
 fn worker_cpus(pid: u32) -> Vec<String> {
@@ -374,7 +365,7 @@ fn pairs_are_disabled_and_enabled_again_while_traffic_flows() {
         off.check();
         let flows_on_0: BTreeSet<u16> = off.by_pair[0].iter().map(|f| f.0).collect();
         assert_eq!(flows_on_0.len(), 16, "every flow moved to pair 0");
-        let json = stats_json(&rig);
+        let json = rig.daemon.stats_json();
         for want in [
             "{\"index\":0,\"rx_enabled\":true,\"tx_enabled\":true,",
             "{\"index\":1,\"rx_enabled\":false,\"tx_enabled\":false,",
@@ -578,4 +569,186 @@ fn a_guest_without_mq_gets_every_flow_on_its_one_pair() {
     let mut got = Received::new();
     receive(&mut fe, &mut got, T, |r| r.total() >= 32);
     assert_eq!(got.check().len(), 32, "every flow arrives: {got:?}");
+}
+
+// ---- protocol: queue counts and sizes ------------------------------------------------------
+
+/// Each pair sends ten marked frames; the peer must see all of them (the connection works).
+fn both_pairs_carry_frames(rig: &Rig, fe: &mut TestFrontend, base: u32) {
+    let cap = peer_socket(rig);
+    for p in 0..PAIRS {
+        fe.select_pair(p);
+        let from = base + 100 * p as u32;
+        send_marked(fe, rig.peer_mac, from..from + 10);
+    }
+    fe.select_pair(0);
+    let mut seen = captured_markers(&cap, Duration::from_millis(500));
+    seen.sort_unstable();
+    let want: Vec<u32> = (base..base + 10).chain(base + 100..base + 110).collect();
+    assert_eq!(seen, want, "the peer sees what both pairs sent");
+}
+
+/// A request with a reply: it returns only once the backend processed everything before it,
+/// and fails if the connection is gone.
+fn assert_connected(rig: &Rig, fe: &mut TestFrontend) {
+    use vhost::VhostBackend;
+    fe.raw_frontend()
+        .get_features()
+        .unwrap_or_else(|e| panic!("the connection is gone ({e}): {}", rig.daemon.log()));
+    assert!(
+        !rig.daemon.log().contains("frontend disconnected"),
+        "{}",
+        rig.daemon.log()
+    );
+}
+
+#[test]
+fn a_frontend_asking_for_more_pairs_than_served_is_refused_at_the_first_ring_beyond() {
+    // GET_QUEUE_NUM answers in rings (4 for two pairs). QEMU compares the answer with its
+    // pairs, so `queues=3` passes its check and goes on to set up rings 4 and 5. The relay
+    // refuses the first of them with a failure reply and a log line; the connection and the
+    // two pairs the device has keep working.
+    let Some(rig) = rig(&[]) else { return };
+    let stream = std::os::unix::net::UnixStream::connect(&rig.daemon.socket).unwrap();
+    let mut raw = stream.try_clone().unwrap();
+    let mut fe = TestFrontend::from_stream(stream);
+    fe.set_queue_pairs(PAIRS);
+    fe.start(FrontendConfig {
+        features: GUEST_FEATURES,
+        queue_size: 256,
+        mem_size: 64 << 20,
+    });
+    assert_eq!(fe.queue_num(), Some(4), "GET_QUEUE_NUM: four virtqueues");
+    // The third pair's first ring (the vhost crate's frontend refuses ring indices beyond
+    // GET_QUEUE_NUM itself, so this one goes raw). REPLY_ACK is acked: NEED_REPLY.
+    let state: Vec<u8> = [4u32, 256].iter().flat_map(|w| w.to_le_bytes()).collect();
+    raw_message(&mut raw, 8, 0x1 | 0x8, &state);
+    let reply = raw_reply(&mut raw, T).expect("an answer to SET_VRING_NUM for ring 4");
+    assert_eq!(reply.0, 8, "a SET_VRING_NUM reply");
+    assert_ne!(reply.2, 0u64.to_le_bytes(), "a failure");
+    assert_connected(&rig, &mut fe);
+    rig.daemon.wait_for_log(
+        "the frontend addresses ring 4, but this device has 4 rings (2 queue pairs, --queues 2)",
+        T,
+    );
+    both_pairs_carry_frames(&rig, &mut fe, 0);
+}
+
+/// Sets up both pairs with `size`-descriptor rings, which the backend must refuse with a
+/// failure reply and `log`; a setup with 256 then carries frames on the same connection.
+fn refused_queue_size(extra: &[&str], size: u16, log: &str) {
+    let Some(rig) = rig(extra) else { return };
+    let mut fe = TestFrontend::connect(&rig.daemon.socket, T);
+    fe.set_queue_pairs(PAIRS);
+    fe.try_negotiate(GUEST_FEATURES).unwrap();
+    fe.try_setup_memory(64 << 20).unwrap();
+    let err = fe
+        .try_setup_rings(size)
+        .expect_err("the backend refuses the ring size");
+    assert!(err.contains("SET_VRING_NUM for queue 0"), "{err}");
+    assert_connected(&rig, &mut fe);
+    rig.daemon.wait_for_log(log, T);
+    fe.try_setup_rings(256).unwrap();
+    fe.try_enable_rings(true).unwrap();
+    both_pairs_carry_frames(&rig, &mut fe, 0);
+}
+
+#[test]
+fn a_queue_size_that_is_not_a_power_of_two_is_refused_not_ignored() {
+    // vhost-user-backend accepts 1000 and virtio-queue then ignores it: the backend would
+    // keep a 1024-entry layout under the frontend's 1000-entry ring.
+    refused_queue_size(
+        &[],
+        1000,
+        "the frontend asks for a queue of 1000 descriptors, but sizes must be a power of two up to --queue-size 1024",
+    );
+}
+
+#[test]
+fn a_queue_larger_than_queue_size_is_refused_with_a_reply_not_a_disconnect() {
+    refused_queue_size(
+        &["--queue-size", "1024"],
+        2048,
+        "the frontend asks for a queue of 2048 descriptors, but sizes must be a power of two up to --queue-size 1024",
+    );
+}
+
+// ---- protocol: memory slots with several pairs ---------------------------------------------
+
+/// How many mappings of the memfd `name` the daemon has.
+fn daemon_mappings(rig: &Rig, name: &str) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", rig.daemon.pid())).unwrap();
+    let tag = format!("/memfd:{name} ");
+    maps.lines().filter(|l| l.contains(&tag)).count()
+}
+
+#[test]
+fn memory_slots_with_two_pairs_take_each_region_once_per_pair_as_qemu_7_2_sends_it() {
+    // QEMU 7.2 drives each pair as a vhost device of its own on the one connection, and each
+    // sends ADD_MEM_REG for every region and, on unplug, REM_MEM_REG: twice the same request
+    // with two pairs. The first ADD maps the region, the second is answered without a second
+    // mapping; the first REM is answered while the other pair still has the region, the
+    // second unmaps it.
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    use vhost::vhost_user::VhostUserFrontend;
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig);
+    let slots = P::CONFIGURE_MEM_SLOTS.bits();
+    assert_ne!(
+        fe.backend_protocol_features() & slots,
+        0,
+        "CONFIGURE_MEM_SLOTS offered with two pairs"
+    );
+    assert_ne!(fe.acked_protocol_features() & slots, 0);
+    assert!(fe.raw_frontend().get_max_mem_slots().unwrap() >= 10);
+    // Nine regions beyond the guest RAM: with the RAM that is more than SET_MEM_TABLE's 8.
+    let names: Vec<String> = (0..9).map(|i| format!("vp-slot-{i}")).collect();
+    let regions: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let name = std::ffi::CString::new(n.as_str()).unwrap();
+            common::frontend::memfd_region(&name, (1 << 32) + (i as u64) * (2 << 20), 2 << 20)
+                .unwrap()
+        })
+        .collect();
+    for pair in 0..PAIRS {
+        for (r, n) in regions.iter().zip(&names) {
+            fe.raw_frontend()
+                .add_mem_region(&r.info)
+                .unwrap_or_else(|e| panic!("pair {pair}: ADD_MEM_REG {n}: {e}"));
+        }
+    }
+    assert_connected(&rig, &mut fe);
+    for n in &names {
+        assert_eq!(daemon_mappings(&rig, n), 1, "{n} mapped once");
+    }
+    both_pairs_carry_frames(&rig, &mut fe, 0);
+
+    // Unplug, as pair 0 sends it: the region stays, pair 1 still has it.
+    for (r, n) in regions.iter().zip(&names) {
+        fe.raw_frontend()
+            .remove_mem_region(&r.info)
+            .unwrap_or_else(|e| panic!("pair 0: REM_MEM_REG {n}: {e}"));
+    }
+    assert_connected(&rig, &mut fe);
+    for n in &names {
+        assert_eq!(daemon_mappings(&rig, n), 1, "{n} still mapped for pair 1");
+    }
+    // Pair 1's REM_MEM_REG: now the region goes.
+    for (r, n) in regions.iter().zip(&names) {
+        fe.raw_frontend()
+            .remove_mem_region(&r.info)
+            .unwrap_or_else(|e| panic!("pair 1: REM_MEM_REG {n}: {e}"));
+    }
+    assert_connected(&rig, &mut fe);
+    // Unmapped once the last pass holding the old table ends: a bounded wait.
+    let deadline = Instant::now() + T;
+    while names.iter().any(|n| daemon_mappings(&rig, n) > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for n in &names {
+        assert_eq!(daemon_mappings(&rig, n), 0, "{n} unmapped");
+    }
+    both_pairs_carry_frames(&rig, &mut fe, 1000);
 }

@@ -29,10 +29,17 @@ pub const VNET_HDR_MRG_LEN: usize = 12;
 /// the kernel silently clamps to those sysctls.
 pub const SOCKET_BUFFER_BYTES: c_int = 4 << 20;
 
+/// The first Linux release with `PACKET_VNET_HDR_SZ`: commit dfc39d4026fb ("net/packet:
+/// support mergeable feature of virtio"), in that release's networking pull. Older kernels get
+/// the 10-byte `PACKET_VNET_HDR` ([`VnetMode::Legacy10`]). The one place this version is stated in the
+/// code; docs/architecture.md ("Packet socket setup") is the one in the docs.
+pub const VNET_HDR_SZ_SINCE: &str = "6.4";
+
 /// How the kernel handles the virtio net header on this socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VnetMode {
-    /// The kernel has `PACKET_VNET_HDR_SZ` (Linux 6.2+): it reads/writes 10 or 12 bytes as set.
+    /// The kernel has `PACKET_VNET_HDR_SZ` ([`VNET_HDR_SZ_SINCE`]): it reads/writes 10 or 12
+    /// bytes as set.
     Native,
     /// Only `PACKET_VNET_HDR` (older kernel, or forced): the kernel always uses the 10-byte
     /// header; the caller inserts `num_buffers` on RX and strips it on TX itself.
@@ -175,11 +182,12 @@ impl PacketSocket {
                 VNET_HDR_MRG_LEN as c_int,
             ) {
                 Ok(()) => {}
-                // ENOPROTOOPT: kernel < 6.2 does not know the option. EINVAL is not expected
+                // ENOPROTOOPT: a kernel before VNET_HDR_SZ_SINCE does not know the option.
+                // EINVAL is not expected
                 // for SOCK_RAW with a valid size, but fall back rather than fail.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EINVAL)) => {
                     log::info!(
-                        "{name}: PACKET_VNET_HDR_SZ unavailable ({e}); using the 10-byte PACKET_VNET_HDR"
+                        "{name}: PACKET_VNET_HDR_SZ unavailable ({e}; Linux {VNET_HDR_SZ_SINCE} has it); using the 10-byte PACKET_VNET_HDR"
                     );
                     vnet_mode = VnetMode::Legacy10;
                 }

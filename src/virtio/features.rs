@@ -61,19 +61,16 @@ pub fn offered(opts: OfferOptions) -> u64 {
 }
 
 /// The vhost-user protocol features offered. All of them are handled by vhost-user-backend 0.24.
-pub fn offered_protocol(queue_pairs: usize) -> VhostUserProtocolFeatures {
-    let common = VhostUserProtocolFeatures::MQ
+///
+/// CONFIGURE_MEM_SLOTS with any number of pairs: QEMU before 8.0 drives each pair as a vhost
+/// device of its own on the one connection, and each adds (and removes) every region; the
+/// relay answers the repeats (`relay.rs`), which the request handler would refuse as
+/// overlapping and end the session.
+pub fn offered_protocol() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG;
-    // QEMU drives each queue pair of a vhost-user netdev as a vhost device of its own on the
-    // one connection, and each sends the memory table. With CONFIGURE_MEM_SLOTS each would
-    // ADD_MEM_REG the same regions, which the second time fails as overlapping and ends the
-    // connection; SET_MEM_TABLE just replaces the table.
-    if queue_pairs > 1 {
-        common
-    } else {
-        common | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
 /// The datapath's view of an acked feature set: one query per decision it has to make.
@@ -271,9 +268,8 @@ mod tests {
             0,
             "the control queue is the VMM's"
         );
-        let p = offered_protocol(1);
+        let p = offered_protocol();
         assert!(p.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
-        assert!(!offered_protocol(2).contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
         assert!(!p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
         assert!(!p.contains(VhostUserProtocolFeatures::LOG_SHMFD));
         assert!(!p.contains(VhostUserProtocolFeatures::BACKEND_REQ));

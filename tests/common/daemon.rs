@@ -242,6 +242,17 @@ impl Daemon {
         }
     }
 
+    /// `vhost-packet stats --json` for this daemon.
+    pub fn stats_json(&self) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-packet"))
+            .args(["stats", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(mut self) -> String {
         let _ = self.child.kill();

@@ -55,6 +55,10 @@
 //!        .ring_layout(Queue) -> RingLayout  .guest_mem_size()  .raw_frontend() -> &mut vhost Frontend
 //!   .stop(self) -> (u16, u16)                      GET_VRING_BASE for RX and TX of the selected pair, then disconnect
 //!
+//! raw_message(&mut UnixStream, request, flags, payload) / raw_reply(&mut UnixStream, timeout)
+//!   a request the vhost crate would not send (keep a `try_clone` of the stream given to the frontend)
+//! memfd_region(name, gpa, size) -> MemfdRegion { info, .. }   an extra region for ADD/REM_MEM_REG
+//!
 //! vnet_header(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers, len) -> Vec<u8>
 //! Hdr { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers: Option<u16> }, Hdr::parse(&[u8])
 //! ```
@@ -454,38 +458,81 @@ struct GuestMem {
     region_info: VhostUserMemoryRegionInfo,
 }
 
+/// A memfd mapped in this process and described as guest memory at `gpa`: the guest RAM, or
+/// an extra region for ADD_MEM_REG/REM_MEM_REG. The backend maps the same file; keep this alive
+/// while it may use the region.
+pub struct MemfdRegion {
+    mem: GuestMemoryMmap<()>,
+    pub info: VhostUserMemoryRegionInfo,
+}
+
+/// A `size`-byte memfd named `name` (it shows as `/memfd:<name>` in `/proc/<pid>/maps`).
+pub fn memfd_region(name: &std::ffi::CStr, gpa: u64, size: usize) -> Result<MemfdRegion, String> {
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call, and the flags
+    // are a valid combination; memfd_create does not touch any other memory.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "memfd_create failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: memfd_create just returned this descriptor, so it is open and owned by nobody
+    // else; the OwnedFd takes over closing it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size as u64)
+        .map_err(|e| format!("ftruncate(memfd, {size}) failed: {e}"))?;
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(gpa),
+        size,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| format!("mapping {size} bytes of guest memory failed: {e}"))?;
+    let region: &GuestRegionMmap<()> = mem
+        .find_region(GuestAddress(gpa))
+        .ok_or(format!("guest memory region at GPA {gpa:#x} missing"))?;
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region)
+        .map_err(|e| format!("describing guest memory region failed: {e}"))?;
+    Ok(MemfdRegion { mem, info })
+}
+
+/// Writes one vhost-user message (header and payload) straight onto the connection, for what
+/// the vhost crate's frontend would not send (too early, or for a ring it was told is absent).
+pub fn raw_message(stream: &mut UnixStream, request: u32, flags: u32, payload: &[u8]) {
+    use std::io::Write;
+    let mut msg = Vec::new();
+    for word in [request, flags, payload.len() as u32] {
+        msg.extend_from_slice(&word.to_le_bytes());
+    }
+    msg.extend_from_slice(payload);
+    stream
+        .write_all(&msg)
+        .unwrap_or_else(|e| panic!("writing vhost-user request {request}: {e}"));
+}
+
+/// Reads one vhost-user reply (request, flags, payload) from the connection; `None` if the
+/// backend closed it or nothing came within `timeout`.
+pub fn raw_reply(stream: &mut UnixStream, timeout: Duration) -> Option<(u32, u32, Vec<u8>)> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    let mut header = [0u8; 12];
+    let got = stream.read_exact(&mut header).ok().and_then(|()| {
+        let word = |i: usize| u32::from_le_bytes(header[4 * i..4 * i + 4].try_into().unwrap());
+        let mut payload = vec![0u8; word(2) as usize];
+        stream.read_exact(&mut payload).ok()?;
+        Some((word(0), word(1), payload))
+    });
+    stream.set_read_timeout(None).ok()?;
+    got
+}
+
 impl GuestMem {
     fn new(size: usize) -> Result<GuestMem, String> {
-        let name = c"vhost-packet-test-guest";
-        // SAFETY: `name` is a valid NUL-terminated string that outlives the call, and the flags
-        // are a valid combination; memfd_create does not touch any other memory.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!(
-                "memfd_create failed: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        // SAFETY: memfd_create just returned this descriptor, so it is open and owned by nobody
-        // else; the OwnedFd takes over closing it.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(size as u64)
-            .map_err(|e| format!("ftruncate(memfd, {size}) failed: {e}"))?;
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-            GuestAddress(0),
-            size,
-            Some(FileOffset::new(file, 0)),
-        )])
-        .map_err(|e| format!("mapping {size} bytes of guest memory failed: {e}"))?;
-        let region: &GuestRegionMmap<()> = mem
-            .find_region(GuestAddress(0))
-            .ok_or("guest memory region at GPA 0 missing")?;
-        let region_info = VhostUserMemoryRegionInfo::from_guest_region(region)
-            .map_err(|e| format!("describing guest memory region failed: {e}"))?;
+        let MemfdRegion { mem, info } = memfd_region(c"vhost-packet-test-guest", 0, size)?;
         Ok(GuestMem {
             mem,
             size: size as u64,
-            region_info,
+            region_info: info,
         })
     }
 
