@@ -1464,9 +1464,10 @@ fn before_its_mac_is_learned_the_guest_receives_broadcast_and_multicast_only() {
 
 /// Without `--mac` the first frame's source becomes the guest's MAC (logged once), and from
 /// then on it is enforced exactly as `--mac` would: another source is dropped and counted,
-/// unicast for it is delivered and for others not. A new connection learns again.
+/// unicast for it is delivered and for others not. A device reset (GET_VRING_BASE, then the
+/// rings started again) and a new connection learn again.
 #[test]
-fn the_learned_mac_is_enforced_until_the_next_connection() {
+fn the_learned_mac_is_enforced_until_a_reset_or_the_next_connection() {
     let Some(rig) = rig_with_mac(None, &[]) else {
         return;
     };
@@ -1506,6 +1507,34 @@ fn the_learned_mac_is_enforced_until_the_next_connection() {
     let got = delivered_before_marker(&rig, &mut fe, &[for_other.clone(), for_guest.clone()]);
     assert_eq!(got, [for_guest], "only unicast for the learned MAC");
 
+    // A device reset (the guest reboots): it may come back with another MAC.
+    fe.try_reset_rings().expect("reset the rings");
+    let reset_mac = [0x02, 0, 0, 0, 0, 0x03];
+    let first = ethernet(rig.peer_mac, reset_mac, ETH_EXPERIMENTAL, &pattern(100, 9));
+    let old = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 10));
+    for f in [&first, &old, &first] {
+        send_frame(&mut fe, &h, f);
+    }
+    let mut seen = Vec::new();
+    capture_all(&cap, Duration::from_millis(500), |f| {
+        seen.push(f.to_vec());
+        false
+    });
+    assert_eq!(
+        seen.iter().filter(|f| **f == first).count(),
+        2,
+        "learned again after the reset"
+    );
+    assert!(
+        !seen.contains(&old),
+        "the MAC before the reset is enforced no more"
+    );
+    rig.daemon.wait_for_log(
+        &format!("guest MAC is {} (learned)", mac_text(reset_mac)),
+        T,
+    );
+    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 2);
+
     // A new connection: its guest may have another MAC.
     drop(fe);
     rig.daemon.wait_for_log("frontend disconnected", T);
@@ -1532,7 +1561,7 @@ fn the_learned_mac_is_enforced_until_the_next_connection() {
         &format!("guest MAC is {} (learned)", mac_text(other_mac)),
         T,
     );
-    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 2);
+    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 3);
 }
 
 /// The unicast addresses the interface is asked to accept (`bridge fdb show dev vh0`: its

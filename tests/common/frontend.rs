@@ -1768,6 +1768,29 @@ impl TestFrontend {
         u16::try_from(v).map_err(|_| format!("GET_VRING_BASE({}) returned {v:#x}", self.ring(q)))
     }
 
+    /// A device reset as QEMU does it when the guest reboots: GET_VRING_BASE on every ring,
+    /// then each started again where it stopped (SET_VRING_BASE/CALL/KICK; the addresses
+    /// stay). Buffers the backend had not taken stay on the rings.
+    pub fn try_reset_rings(&mut self) -> Result<(), String> {
+        for i in 0..self.vqs.len() {
+            let base = self
+                .fe
+                .get_vring_base(i)
+                .map_err(|e| format!("GET_VRING_BASE({i}) failed: {e}"))?;
+            let what = |m: &str, e: vhost::Error| format!("{m} for queue {i} failed: {e}");
+            self.fe
+                .set_vring_base(i, base as u16)
+                .map_err(|e| what("SET_VRING_BASE", e))?;
+            self.fe
+                .set_vring_call(i, &self.vqs[i].call)
+                .map_err(|e| what("SET_VRING_CALL", e))?;
+            self.fe
+                .set_vring_kick(i, &self.vqs[i].kick)
+                .map_err(|e| what("SET_VRING_KICK", e))?;
+        }
+        Ok(())
+    }
+
     /// Stop the selected pair's rings as QEMU does on shutdown (GET_VRING_BASE for RX then TX)
     /// and close the connection. Returns (rx_base, tx_base): the backend's next avail index per
     /// ring.
