@@ -1695,3 +1695,38 @@ fn a_mac_learned_on_one_queue_pair_holds_for_every_pair() {
         "learned once for the device"
     );
 }
+
+/// `--allow-mac-spoofing` without `--mac`: nothing the guest sends is dropped, but the RX
+/// filter still follows the MAC learned from its first frame (unicast for it is delivered,
+/// for others not).
+#[test]
+fn with_spoofing_allowed_the_rx_filter_still_follows_the_learned_mac() {
+    let Some(rig) = rig_with_mac(None, &["--allow-mac-spoofing"]) else {
+        return;
+    };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    let cap = peer_socket(&rig);
+    let h = plain_header(&fe);
+    let own = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 1));
+    let other = ethernet(
+        rig.peer_mac,
+        [0x02, 0, 0, 0, 0, 0x99],
+        ETH_EXPERIMENTAL,
+        &pattern(100, 2),
+    );
+    send_frame(&mut fe, &h, &own);
+    send_frame(&mut fe, &h, &other);
+    let mut seen = Vec::new();
+    capture(&cap, |f| {
+        seen.push(f.to_vec());
+        f == &other[..]
+    })
+    .expect("a frame from another source goes out");
+    assert!(seen.contains(&own));
+    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 0);
+    assert_eq!(reported_mac(&rig), mac_text(GUEST_MAC));
+    let to = |dst: [u8; 6], seed| ethernet(dst, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(80, seed));
+    let (for_guest, for_other) = (to(GUEST_MAC, 3), to([0x02, 0, 0, 0, 0, 0x99], 4));
+    let got = delivered_before_marker(&rig, &mut fe, &[for_other.clone(), for_guest.clone()]);
+    assert_eq!(got, [for_guest], "only unicast for the learned MAC");
+}
