@@ -20,7 +20,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::affinity;
-use crate::datapath::{EventRegistry, GuestMemory, QueuePair, BUSY_SLICE};
+use crate::config::MacAddr;
+use crate::datapath::{EventRegistry, GuestMac, GuestMemory, QueuePair, BUSY_SLICE};
 use crate::packet::socket::FanoutHandle;
 use crate::packet::steering;
 use crate::relay::RingSwitch;
@@ -48,6 +49,11 @@ struct Shared {
     features: u64,
     queue_size: usize,
     config: Mutex<NetConfigSpace>,
+    /// The config space's MAC at start (`--mac` or the derived one): each connection starts
+    /// from it, whatever the last one set.
+    config_mac: MacAddr,
+    /// The MAC TX enforces and RX filters by: one per device, for every pair.
+    guest_mac: Arc<GuestMac>,
     acked: AtomicU64,
     /// `--cpu-affinity`: CPUs for the workers, pair i on `cpus[i % len]`.
     affinity: Option<Vec<usize>>,
@@ -119,11 +125,12 @@ pub struct NetBackend {
 }
 
 impl NetBackend {
-    /// `group`: the pairs' fanout group, when there is more than one pair. `affinity`: CPUs
-    /// for the workers, pair i on `affinity[i % len]`.
+    /// `group`: the pairs' fanout group, when there is more than one pair. `guest_mac`: the
+    /// one the pairs share. `affinity`: CPUs for the workers, pair i on `affinity[i % len]`.
     pub fn new(
         pairs: Vec<QueuePair>,
         group: Option<FanoutHandle>,
+        guest_mac: Arc<GuestMac>,
         features: u64,
         queue_size: u16,
         config: NetConfigSpace,
@@ -143,7 +150,9 @@ impl NetBackend {
                 steering: Mutex::new(steering),
                 features,
                 queue_size: queue_size.into(),
+                config_mac: config.mac,
                 config: Mutex::new(config),
+                guest_mac,
                 acked: AtomicU64::new(0),
                 affinity,
                 connection: Mutex::new(None),
@@ -227,6 +236,8 @@ impl NetBackend {
                 p.detach();
             }
         }
+        self.config().mac = self.shared.config_mac;
+        self.shared.guest_mac.connection_ended();
         self.shared.acked.store(0, Ordering::Relaxed);
     }
 
@@ -273,6 +284,15 @@ impl NetBackend {
             self.poll_busily(index, vrings)?;
         }
         Ok(())
+    }
+
+    fn config(&self) -> MutexGuard<'_, NetConfigSpace> {
+        self.shared.config.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The MAC the guest sends from and receives for; `None` while it is being learned.
+    pub fn guest_mac(&self) -> Option<MacAddr> {
+        self.shared.guest_mac.current().map(MacAddr)
     }
 
     /// Whether each pair's (RX, TX) rings are enabled.
@@ -407,29 +427,15 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.shared
-            .config
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .read(offset, size)
+        self.config().read(offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        let changed = self
-            .shared
-            .config
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write(offset, buf)
-            .map_err(io::Error::other)?;
+        let changed = self.config().write(offset, buf).map_err(io::Error::other)?;
         if let Some(mac) = changed {
             info!("frontend set the guest MAC to {mac}");
-            for i in 0..self.shared.pairs.len() {
-                if let Some(mut p) = self.pair(i) {
-                    if let Err(e) = p.set_guest_mac(mac.0) {
-                        warn!("queue pair {i}: {e}");
-                    }
-                }
+            if let Err(e) = self.shared.guest_mac.set_by_frontend(mac.0) {
+                warn!("following the guest MAC {mac}: {e}");
             }
         }
         Ok(())
@@ -471,6 +477,8 @@ impl VhostUserBackend for NetBackend {
         if let Some(mut p) = self.pair(q / 2) {
             p.stop_ring(q % 2 == 0);
         }
+        // The device is being reset: the guest may come back with another MAC.
+        self.shared.guest_mac.rings_stopped();
         Ok(())
     }
 

@@ -107,7 +107,9 @@ pub const MAX_BUSY_POLL_US: u32 = 1_000_000;
 pub struct Config {
     pub endpoint: Endpoint,
     pub interface: String,
-    pub mac: MacAddr,
+    /// `--mac`: the guest's MAC from the start. `None`: it is learned from the guest's first
+    /// frame, and the config space reports [`Config::derived_mac`].
+    pub mac: Option<MacAddr>,
     /// `None`: the interface's MTU.
     pub mtu: Option<u16>,
     pub queue_size: u16,
@@ -130,6 +132,20 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// User to switch to once the sockets are open.
     pub user: Option<String>,
+}
+
+impl Config {
+    /// The MAC the device's config space reports at the start of each connection: `--mac`,
+    /// or one derived from the socket path. Without `--mac` it is only a suggestion: QEMU
+    /// gives its device its own MAC and never reads ours, and the guest's is learned.
+    pub fn config_mac(&self) -> MacAddr {
+        self.mac.unwrap_or_else(|| self.derived_mac())
+    }
+
+    /// A stable MAC derived from the socket path (see [`MacAddr::derived_from`]).
+    pub fn derived_mac(&self) -> MacAddr {
+        MacAddr::derived_from(self.endpoint.path().as_os_str().as_encoded_bytes())
+    }
 }
 
 /// Parses a CPU list as `taskset -c` and cpusets take it: `0,1`, `0-3`, `0-3,8,10-11`. The
@@ -224,9 +240,9 @@ impl Config {
                         "--mac {mac} is a multicast address; a guest needs a unicast one"
                     )));
                 }
-                mac
+                Some(mac)
             }
-            None => MacAddr::derived_from(endpoint.path().as_os_str().as_encoded_bytes()),
+            None => None,
         };
         let mtu = match raw.mtu {
             Some(m) if !MTU_RANGE.contains(&m) => {
@@ -320,8 +336,9 @@ mod tests {
         );
         assert_eq!(c.mtu, None);
         assert_eq!(c.vnet_header, VnetHeaderMode::Auto);
-        assert!(c.mac.is_unicast());
-        assert_eq!(c.mac.0[0] & 0x02, 0x02, "locally administered");
+        assert_eq!(c.mac, None, "learned from the guest");
+        assert!(c.config_mac().is_unicast());
+        assert_eq!(c.config_mac().0[0] & 0x02, 0x02, "locally administered");
     }
 
     #[test]

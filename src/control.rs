@@ -26,7 +26,8 @@ pub fn control_path(vhost_socket: &Path) -> PathBuf {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub interface: String,
-    pub guest_mac: String,
+    /// `None` while vhost-packet is learning it.
+    pub guest_mac: Option<String>,
     /// Features the connected frontend acked; `None` when no frontend is connected.
     pub acked_features: Option<u64>,
     pub pairs: Vec<PairStats>,
@@ -45,9 +46,11 @@ impl Snapshot {
         let mut j = String::new();
         let _ = write!(
             j,
-            "{{\"interface\":\"{}\",\"guest_mac\":\"{}\",\"connected\":{},",
+            "{{\"interface\":\"{}\",\"guest_mac\":{},\"connected\":{},",
             json_escape(&self.interface),
-            self.guest_mac,
+            self.guest_mac
+                .as_ref()
+                .map_or("null".to_owned(), |m| format!("\"{m}\"")),
             self.acked_features.is_some()
         );
         match self.acked_features {
@@ -107,7 +110,13 @@ impl Snapshot {
     pub fn to_table(&self) -> String {
         let mut t = String::new();
         let _ = writeln!(t, "interface   {}", self.interface);
-        let _ = writeln!(t, "guest MAC   {}", self.guest_mac);
+        let _ = writeln!(
+            t,
+            "guest MAC   {}",
+            self.guest_mac
+                .as_deref()
+                .unwrap_or("not known yet (learned from the guest's first frame)")
+        );
         match self.acked_features {
             Some(f) => {
                 let _ = writeln!(
@@ -176,13 +185,13 @@ fn json_escape(s: &str) -> String {
 }
 
 /// Answers counter requests on `listener` for as long as the process lives.
-pub fn serve(listener: UnixListener, backend: NetBackend, interface: String, guest_mac: String) {
+pub fn serve(listener: UnixListener, backend: NetBackend, interface: String) {
     let spawned = thread::Builder::new().name("stats".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
             let snapshot = Snapshot {
                 interface: interface.clone(),
-                guest_mac: guest_mac.clone(),
+                guest_mac: backend.guest_mac().map(|m| m.to_string()),
                 acked_features: Some(backend.acked_features()).filter(|&f| f != 0),
                 pairs: backend.stats(),
                 enabled: backend.rings_enabled(),
@@ -229,7 +238,7 @@ mod tests {
     fn snapshot() -> Snapshot {
         Snapshot {
             interface: "eth\"3".into(),
-            guest_mac: "02:00:00:00:00:01".into(),
+            guest_mac: Some("02:00:00:00:00:01".into()),
             acked_features: Some(1 << 15),
             pairs: vec![PairStats {
                 rx_packets: 7,
@@ -264,6 +273,12 @@ mod tests {
         }
         .to_json();
         assert!(none.contains("\"connected\":false,\"acked_features\":null"));
+        let learning = Snapshot {
+            guest_mac: None,
+            ..snapshot()
+        };
+        assert!(learning.to_json().contains("\"guest_mac\":null,"));
+        assert!(learning.to_table().contains("guest MAC   not known yet"));
     }
 
     #[test]

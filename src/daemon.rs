@@ -6,6 +6,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use crate::affinity;
 use crate::backend::NetBackend;
 use crate::config::{Config, Endpoint, VnetHeaderMode};
 use crate::control;
-use crate::datapath::{EventIds, MacPolicy, QueuePair};
+use crate::datapath::{EventIds, GuestMac, MacPolicy, QueuePair};
 use crate::error::Error;
 use crate::packet::interface::{Interface, LinkChanges};
 use crate::packet::probe::{fanout_ignores_outgoing, probe_uso, UsoSupport};
@@ -99,7 +100,8 @@ impl Daemon {
         let opts = SocketOptions {
             qdisc_bypass: config.qdisc_bypass,
             promisc: config.promisc,
-            guest_mac: config.mac.0,
+            // The device's `GuestMac` adds the membership (and moves it when the MAC changes).
+            guest_mac: [0; 6],
             force_legacy_vnet_hdr: config.vnet_header == VnetHeaderMode::Legacy10,
         };
         let queue_pairs = usize::from(config.queue_pairs);
@@ -112,12 +114,12 @@ impl Daemon {
             }
         }
         let ids = EventIds::for_queue_count(2 * queue_pairs);
-        let mut pairs = Vec::with_capacity(queue_pairs);
+        let mut sockets = Vec::with_capacity(queue_pairs);
         // With several pairs their sockets form one fanout group, joined in pair order so that
         // member i is pair i (the steering program returns member indices).
         let mut group: Option<(u16, FanoutHandle)> = None;
         for i in 0..queue_pairs {
-            let socket = PacketSocket::open(&iface, &opts)?;
+            let socket = Arc::new(PacketSocket::open(&iface, &opts)?);
             if i == 0 {
                 match socket.vnet_mode() {
                     VnetMode::Native => info!("packet socket on {}: PACKET_VNET_HDR_SZ (10 or 12 bytes, as the guest negotiates)", config.interface),
@@ -142,12 +144,17 @@ impl Daemon {
                     }
                 }
             }
-            let policy = MacPolicy {
-                guest_mac: config.mac.0,
-                promisc: config.promisc,
-                allow_spoofing: config.allow_mac_spoofing,
-            };
-            let pair = QueuePair::new(i, socket, ids, policy, config.busy_poll)
+            sockets.push(socket);
+        }
+        let policy = MacPolicy {
+            guest_mac: config.mac.map(|m| m.0),
+            promisc: config.promisc,
+            allow_spoofing: config.allow_mac_spoofing,
+        };
+        let guest_mac = Arc::new(GuestMac::new(policy, sockets.clone())?);
+        let mut pairs = Vec::with_capacity(queue_pairs);
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let pair = QueuePair::new(i, socket, ids, guest_mac.clone(), config.busy_poll)
                 .map_err(|e| Error::QueueSetup { pair: i, source: e })?;
             pairs.push(pair);
         }
@@ -162,13 +169,14 @@ impl Daemon {
             mq: queue_pairs > 1,
         });
         let space = NetConfigSpace {
-            mac: config.mac,
+            mac: config.config_mac(),
             max_virtqueue_pairs: config.queue_pairs,
             mtu,
         };
         let backend = NetBackend::new(
             pairs,
             group.map(|(_, handle)| handle),
+            guest_mac,
             offered,
             config.queue_size,
             space,
@@ -202,10 +210,13 @@ impl Daemon {
                 user.name, user.uid
             );
         }
+        let whose = match config.mac {
+            Some(mac) => format!("guest MAC {mac}"),
+            None => "the guest MAC it learns from the guest's first frame".to_owned(),
+        };
         info!(
-            "serving {} for guest MAC {} (MTU {mtu}, {} queue pair{}, queue size {}, features {})",
+            "serving {} for {whose} (MTU {mtu}, {} queue pair{}, queue size {}, features {})",
             config.interface,
-            config.mac,
             queue_pairs,
             if queue_pairs == 1 { "" } else { "s" },
             config.queue_size,
@@ -249,7 +260,6 @@ impl Daemon {
                 listener,
                 self.backend.clone(),
                 self.config.interface.clone(),
-                self.config.mac.to_string(),
             );
         }
         let (fatal, failed) = mpsc::channel();

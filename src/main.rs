@@ -49,8 +49,10 @@ struct Cli {
     #[arg(long, short = 'i', value_name = "IFNAME", required = true)]
     interface: Option<String>,
 
-    /// Guest MAC address for the device's config space [default: a stable locally
-    /// administered address derived from the socket path].
+    /// The guest's MAC: the only source it may send from and the unicast address it receives
+    /// for, from the start [default: learned from the first frame the guest sends (until then
+    /// it receives broadcast and multicast only); the config space then offers a stable
+    /// locally administered address derived from the socket path, which QEMU ignores].
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
 

@@ -30,11 +30,16 @@ struct Rig {
     peer_mac: [u8; 6],
     // Dropped last: the daemon dies before its namespace goes.
     peer: NetNs,
-    _host: NetNs,
+    host: NetNs,
 }
 
 fn rig(extra: &[&str]) -> Option<Rig> {
-    if !require_root_and_tools(&["ip", "ethtool"]) {
+    rig_with_mac(Some("02:00:00:00:00:01"), extra)
+}
+
+/// `mac`: vhost-packet's `--mac`; `None`: it learns the guest's (`GUEST_MAC` in these tests).
+fn rig_with_mac(mac: Option<&str>, extra: &[&str]) -> Option<Rig> {
+    if !require_root_and_tools(&["ip", "ethtool", "bridge"]) {
         return None;
     }
     let host = NetNs::new("vph");
@@ -43,14 +48,14 @@ fn rig(extra: &[&str]) -> Option<Rig> {
     peer.add_addr("vp0", "198.18.0.2/24");
     peer.add_neigh("vp0", "198.18.0.1", "02:00:00:00:00:01");
     let peer_mac = peer.mac("vp0");
-    let mut args = vec!["--mac", "02:00:00:00:00:01"];
+    let mut args: Vec<&str> = mac.iter().flat_map(|m| ["--mac", m]).collect();
     args.extend_from_slice(extra);
     let daemon = Daemon::start(&host, "vh0", &args);
     Some(Rig {
         daemon,
         peer_mac,
         peer,
-        _host: host,
+        host,
     })
 }
 
@@ -482,9 +487,9 @@ fn e_malformed_tx_headers_are_counted_and_the_queue_keeps_flowing() {
     let h = plain_header(&fe);
     send_frame(&mut fe, &h, &big);
     // ...and anything while the link is down.
-    rig._host.ip(&["link", "set", "vh0", "down"]);
+    rig.host.ip(&["link", "set", "vh0", "down"]);
     send_frame(&mut fe, &h, &frame);
-    rig._host.ip(&["link", "set", "vh0", "up"]);
+    rig.host.ip(&["link", "set", "vh0", "up"]);
 
     let good = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(300, 2));
     let deadline = std::time::Instant::now() + T;
@@ -840,7 +845,7 @@ fn tx_backpressure_loses_nothing() {
     // A qdisc that holds everything: queued frames keep the socket's send buffer full, so the
     // backend must see EAGAIN and wait instead of dropping. Once it has, the qdisc lets go.
     let tbf = |rate: &str, op: &str| {
-        let out = rig._host.exec(&[
+        let out = rig.host.exec(&[
             "tc", "qdisc", op, "dev", "vh0", "root", "tbf", "rate", rate, "burst", "64k", "limit",
             "100mb",
         ]);
@@ -1653,7 +1658,7 @@ fn deleting_the_interface_ends_the_daemon(with_frontend: bool) {
         ping(&mut fe, rig.peer_mac, 1);
         fe
     });
-    let out = rig._host.ip(&["-o", "link", "show", "dev", "vh0"]);
+    let out = rig.host.ip(&["-o", "link", "show", "dev", "vh0"]);
     let ifindex: u32 = String::from_utf8_lossy(&out.stdout)
         .split(':')
         .next()
@@ -1691,7 +1696,7 @@ fn an_mtu_change_is_logged_its_drops_counted_and_the_next_guest_offered_it() {
     let Some(rig) = rig(&[]) else { return };
     let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
     assert_eq!(config_mtu(&mut fe), 1500);
-    rig._host.set_mtu("vh0", 1400);
+    rig.host.set_mtu("vh0", 1400);
     rig.daemon
         .wait_for_log("MTU of vh0 changed from 1500 to 1400", T);
     // The connected guest keeps the 1500 it was given: a full-size frame is dropped, counted.
@@ -1706,10 +1711,371 @@ fn an_mtu_change_is_logged_its_drops_counted_and_the_next_guest_offered_it() {
     assert_eq!(config_mtu(&mut fe), 1400);
     ping(&mut fe, rig.peer_mac, 1);
     // Raising it is followed too.
-    rig._host.set_mtu("vh0", 1500);
+    rig.host.set_mtu("vh0", 1500);
     rig.daemon
         .wait_for_log("MTU of vh0 changed from 1400 to 1500", T);
     fe.stop();
     let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 2048)]);
     assert_eq!(config_mtu(&mut fe), 1500);
+}
+
+/// The guest's MAC as `vhost-packet stats` reports it (JSON; `null` while learning).
+fn reported_mac(rig: &Rig) -> String {
+    let json = vhost_packet::control::query(&rig.daemon.socket, true).expect("stats socket");
+    let at = json.find("\"guest_mac\":").expect("guest_mac in the stats") + 12;
+    json[at..]
+        .split(',')
+        .next()
+        .unwrap()
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    vhost_packet::config::MacAddr(mac).to_string()
+}
+
+/// Sends `frames` from the peer, then a broadcast marker, and returns every experimental
+/// frame the guest received up to the marker (the socket keeps their order, so a frame sent
+/// before the marker that is not among them was not delivered).
+fn delivered_before_marker(rig: &Rig, fe: &mut TestFrontend, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let peer = peer_socket(rig);
+    let marker = ethernet(
+        [0xff; 6],
+        rig.peer_mac,
+        ETH_EXPERIMENTAL,
+        &pattern(90, 0xbc),
+    );
+    for f in frames.iter().chain([&marker]) {
+        peer.send_vectored(&[std::io::IoSlice::new(&[0u8; 12]), std::io::IoSlice::new(f)])
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    loop {
+        let p = recv_matching(fe, |f| {
+            f.len() > 14 && f[12..14] == ETH_EXPERIMENTAL.to_be_bytes()
+        })
+        .expect("the broadcast marker reaches the guest");
+        if p.frame == marker {
+            return got;
+        }
+        got.push(p.frame);
+    }
+}
+
+/// Without `--mac`, until the guest has sent anything its MAC is not known: it receives
+/// broadcast and multicast, and no unicast at all, not even for the MAC the config space
+/// suggests or the one it will turn out to have.
+#[test]
+fn before_its_mac_is_learned_the_guest_receives_broadcast_and_multicast_only() {
+    let Some(rig) = rig_with_mac(None, &[]) else {
+        return;
+    };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    let suggested: [u8; 6] = fe.get_config(0, 6).try_into().unwrap();
+    assert_eq!(
+        suggested[0] & 0x03,
+        0x02,
+        "a locally administered unicast MAC"
+    );
+    let to = |dst: [u8; 6], seed| ethernet(dst, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(80, seed));
+    let (for_suggested, for_guest, for_other) = (
+        to(suggested, 1),
+        to(GUEST_MAC, 2),
+        to([0x02, 0, 0, 0, 0, 0x77], 3),
+    );
+    let (bcast, mcast) = (to([0xff; 6], 4), to([0x01, 0, 0x5e, 0, 0, 0x42], 5));
+    let got = delivered_before_marker(
+        &rig,
+        &mut fe,
+        &[
+            for_suggested.clone(),
+            for_guest.clone(),
+            for_other.clone(),
+            bcast.clone(),
+            mcast.clone(),
+        ],
+    );
+    assert!(
+        !got.contains(&for_suggested),
+        "before learning, a frame for the config space's MAC reached the guest"
+    );
+    assert!(!got.contains(&for_guest) && !got.contains(&for_other));
+    assert!(got.contains(&bcast) && got.contains(&mcast), "{got:?}");
+    assert_eq!(reported_mac(&rig), "null", "stats report no MAC yet");
+}
+
+/// Without `--mac` the first frame's source becomes the guest's MAC (logged once), and from
+/// then on it is enforced exactly as `--mac` would: another source is dropped and counted,
+/// unicast for it is delivered and for others not. A device reset (GET_VRING_BASE, then the
+/// rings started again) and a new connection learn again.
+#[test]
+fn the_learned_mac_is_enforced_until_a_reset_or_the_next_connection() {
+    let Some(rig) = rig_with_mac(None, &[]) else {
+        return;
+    };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    let cap = peer_socket(&rig);
+    let h = plain_header(&fe);
+    let own = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 1));
+    send_frame(&mut fe, &h, &own);
+    capture(&cap, |f| f == &own[..]).expect("the guest's first frame goes out");
+    let learned = format!("guest MAC is {} (learned)", mac_text(GUEST_MAC));
+    rig.daemon.wait_for_log(&learned, T);
+    assert_eq!(reported_mac(&rig), mac_text(GUEST_MAC));
+
+    let spoofed = ethernet(
+        rig.peer_mac,
+        [0x02, 0, 0, 0, 0, 0x99],
+        ETH_EXPERIMENTAL,
+        &pattern(100, 2),
+    );
+    let own2 = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 3));
+    send_frame(&mut fe, &h, &spoofed);
+    send_frame(&mut fe, &h, &own2);
+    let mut seen = Vec::new();
+    capture(&cap, |f| {
+        seen.push(f.to_vec());
+        f == &own2[..]
+    })
+    .expect("the guest's own frame goes out");
+    assert!(
+        !seen.contains(&spoofed),
+        "a spoofed frame went out after learning"
+    );
+    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 1);
+
+    let to = |dst: [u8; 6], seed| ethernet(dst, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(80, seed));
+    let (for_guest, for_other) = (to(GUEST_MAC, 4), to([0x02, 0, 0, 0, 0, 0x77], 5));
+    let got = delivered_before_marker(&rig, &mut fe, &[for_other.clone(), for_guest.clone()]);
+    assert_eq!(got, [for_guest], "only unicast for the learned MAC");
+
+    // A device reset (the guest reboots): it may come back with another MAC.
+    fe.restart_rings(FrontendConfig {
+        features: GUEST_FEATURES,
+        queue_size: 1024,
+        mem_size: 64 << 20,
+    });
+    fe.post_rx_buffers(64, 1536);
+    fe.kick_rx();
+    let reset_mac = [0x02, 0, 0, 0, 0, 0x03];
+    let first = ethernet(rig.peer_mac, reset_mac, ETH_EXPERIMENTAL, &pattern(100, 9));
+    let old = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 10));
+    for f in [&first, &old, &first] {
+        send_frame(&mut fe, &h, f);
+    }
+    let mut seen = Vec::new();
+    capture_all(&cap, Duration::from_millis(500), |f| {
+        seen.push(f.to_vec());
+        false
+    });
+    assert_eq!(
+        seen.iter().filter(|f| **f == first).count(),
+        2,
+        "learned again after the reset"
+    );
+    assert!(
+        !seen.contains(&old),
+        "the MAC before the reset is enforced no more"
+    );
+    rig.daemon.wait_for_log(
+        &format!("guest MAC is {} (learned)", mac_text(reset_mac)),
+        T,
+    );
+    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 2);
+
+    // A new connection: its guest may have another MAC.
+    drop(fe);
+    rig.daemon.wait_for_log("frontend disconnected", T);
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    let other_mac = [0x02, 0, 0, 0, 0, 0x02];
+    let first = ethernet(rig.peer_mac, other_mac, ETH_EXPERIMENTAL, &pattern(100, 6));
+    let old = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 7));
+    let second = ethernet(rig.peer_mac, other_mac, ETH_EXPERIMENTAL, &pattern(100, 8));
+    let h = plain_header(&fe);
+    for f in [&first, &old, &second] {
+        send_frame(&mut fe, &h, f);
+    }
+    let mut seen = Vec::new();
+    capture(&cap, |f| {
+        seen.push(f.to_vec());
+        f == &second[..]
+    })
+    .expect("the new guest's frames go out");
+    assert!(
+        seen.contains(&first) && !seen.contains(&old),
+        "learned again"
+    );
+    rig.daemon.wait_for_log(
+        &format!("guest MAC is {} (learned)", mac_text(other_mac)),
+        T,
+    );
+    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 3);
+}
+
+/// The unicast addresses the interface is asked to accept (`bridge fdb show dev vh0`: its
+/// unicast list, kept even where the device turns promiscuous instead of filtering).
+fn unicast_list(rig: &Rig) -> String {
+    let out = rig.host.exec(&["bridge", "fdb", "show", "dev", "vh0"]);
+    assert!(out.status.success(), "bridge fdb show: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            // Unicast: the I/G bit of the first octet is clear.
+            u8::from_str_radix(&l[..2], 16).is_ok_and(|b| b & 1 == 0)
+        })
+        .map(|l| l.split_whitespace().next().unwrap().to_owned() + "\n")
+        .collect()
+}
+
+/// SET_CONFIG changes the MAC (DPDK virtio-user with `mac=`, legacy drivers): the interface's
+/// unicast list keeps only the current MAC (each one left behind takes a slot of the NIC's
+/// filter until it falls back to promiscuous mode), the stats report it, and TX follows it.
+/// The next connection starts from `--mac` again.
+#[test]
+fn a_mac_change_through_set_config_leaves_only_the_current_mac_on_the_interface() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend;
+
+    let Some(rig) = rig(&[]) else { return };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(16, 1536)]);
+    assert_eq!(unicast_list(&rig), "02:00:00:00:00:01\n");
+    for last in [0x0a, 0x0b] {
+        let mac = [0x02, 0, 0, 0, 0, last];
+        fe.raw_frontend()
+            .set_config(0, VhostUserConfigFlags::WRITABLE, &mac)
+            .expect("SET_CONFIG of the MAC");
+    }
+    assert_eq!(fe.get_config(0, 6), [0x02, 0, 0, 0, 0, 0x0b]);
+    assert_eq!(
+        unicast_list(&rig),
+        "02:00:00:00:00:0b\n",
+        "the old MACs' memberships are gone"
+    );
+    assert_eq!(reported_mac(&rig), "02:00:00:00:00:0b");
+    let cap = peer_socket(&rig);
+    let h = plain_header(&fe);
+    let new = ethernet(
+        rig.peer_mac,
+        [0x02, 0, 0, 0, 0, 0x0b],
+        ETH_EXPERIMENTAL,
+        &pattern(100, 1),
+    );
+    send_frame(&mut fe, &h, &new);
+    capture(&cap, |f| f == &new[..]).expect("a frame from the new MAC goes out");
+    drop(fe);
+    rig.daemon.wait_for_log("frontend disconnected", T);
+    let deadline = std::time::Instant::now() + T;
+    while unicast_list(&rig) != "02:00:00:00:00:01\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            unicast_list(&rig)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(reported_mac(&rig), "02:00:00:00:00:01");
+}
+
+/// The MAC belongs to the device, not to a queue pair: learned from a frame on pair 1, it is
+/// enforced on pair 0's TX, and pair 0 (where frames that are not IP are steered) receives
+/// unicast for it.
+#[test]
+fn a_mac_learned_on_one_queue_pair_holds_for_every_pair() {
+    let Some(rig) = rig_with_mac(None, &["--queues", "2"]) else {
+        return;
+    };
+    let mut fe = TestFrontend::connect(&rig.daemon.socket, T);
+    fe.set_queue_pairs(2);
+    fe.start(FrontendConfig {
+        features: GUEST_FEATURES,
+        queue_size: 256,
+        mem_size: 64 << 20,
+    });
+    for p in 0..2 {
+        fe.select_pair(p);
+        fe.post_rx_buffers(64, 2048);
+        fe.kick_rx();
+    }
+    fe.set_rx_autorefill(true);
+    let cap = peer_socket(&rig);
+    fe.select_pair(1);
+    let h = plain_header(&fe);
+    let first = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 1));
+    send_frame(&mut fe, &h, &first);
+    capture(&cap, |f| f == &first[..]).expect("the first frame goes out on pair 1");
+    fe.select_pair(0);
+    let spoofed = ethernet(
+        rig.peer_mac,
+        [0x02, 0, 0, 0, 0, 0x99],
+        ETH_EXPERIMENTAL,
+        &pattern(100, 2),
+    );
+    let own = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 3));
+    send_frame(&mut fe, &h, &spoofed);
+    send_frame(&mut fe, &h, &own);
+    let mut seen = Vec::new();
+    capture(&cap, |f| {
+        seen.push(f.to_vec());
+        f == &own[..]
+    })
+    .expect("the guest's frame goes out on pair 0");
+    assert!(
+        !seen.contains(&spoofed),
+        "pair 0 let another source through"
+    );
+    let per_pair: Vec<u64> = rig
+        .daemon
+        .stats_by_pair()
+        .iter()
+        .map(|s| s["tx.drops.spoofed"])
+        .collect();
+    assert_eq!(per_pair, [1, 0], "dropped on pair 0");
+    let for_guest = ethernet(GUEST_MAC, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(80, 4));
+    let got = delivered_before_marker(&rig, &mut fe, std::slice::from_ref(&for_guest));
+    assert_eq!(
+        got,
+        [for_guest],
+        "pair 0 receives for the MAC pair 1 learned"
+    );
+    assert_eq!(
+        rig.daemon.log().matches("(learned)").count(),
+        1,
+        "learned once for the device"
+    );
+}
+
+/// `--allow-mac-spoofing` without `--mac`: nothing the guest sends is dropped, but the RX
+/// filter still follows the MAC learned from its first frame (unicast for it is delivered,
+/// for others not).
+#[test]
+fn with_spoofing_allowed_the_rx_filter_still_follows_the_learned_mac() {
+    let Some(rig) = rig_with_mac(None, &["--allow-mac-spoofing"]) else {
+        return;
+    };
+    let mut fe = guest(&rig, GUEST_FEATURES, &[(64, 1536)]);
+    let cap = peer_socket(&rig);
+    let h = plain_header(&fe);
+    let own = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 1));
+    let other = ethernet(
+        rig.peer_mac,
+        [0x02, 0, 0, 0, 0, 0x99],
+        ETH_EXPERIMENTAL,
+        &pattern(100, 2),
+    );
+    send_frame(&mut fe, &h, &own);
+    send_frame(&mut fe, &h, &other);
+    let mut seen = Vec::new();
+    capture(&cap, |f| {
+        seen.push(f.to_vec());
+        f == &other[..]
+    })
+    .expect("a frame from another source goes out");
+    assert!(seen.contains(&own));
+    assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 0);
+    assert_eq!(reported_mac(&rig), mac_text(GUEST_MAC));
+    let to = |dst: [u8; 6], seed| ethernet(dst, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(80, seed));
+    let (for_guest, for_other) = (to(GUEST_MAC, 3), to([0x02, 0, 0, 0, 0, 0x99], 4));
+    let got = delivered_before_marker(&rig, &mut fe, &[for_other.clone(), for_guest.clone()]);
+    assert_eq!(got, [for_guest], "only unicast for the learned MAC");
 }

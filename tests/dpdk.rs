@@ -29,11 +29,12 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(extra: &[&str]) -> Rig {
+    /// `mac`: vhost-packet's `--mac` and testpmd's `mac=`; `None`: neither is given.
+    fn new(mac: Option<&str>, extra: &[&str]) -> Rig {
         let host = NetNs::new("vpd-host");
         let peer = NetNs::new("vpd-peer");
         veth_pair(&host, "vh0", &peer, "vp0");
-        let mut args = vec!["--mac", MAC];
+        let mut args: Vec<&str> = mac.iter().flat_map(|m| ["--mac", m]).collect();
         args.extend_from_slice(extra);
         let daemon = Daemon::start(&host, "vh0", &args);
         Rig { peer, host, daemon }
@@ -81,19 +82,20 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn txonly(devargs: &str, queues: u16) {
+/// `mac`: given to both sides, or (`None`) to neither, as a new user starts them.
+fn txonly(devargs: &str, queues: u16, mac: Option<&str>) {
     if !require_testpmd() {
         return;
     }
     let _one = one_testpmd_at_a_time();
     let (daemon_args, app_args) = queue_args(queues);
-    let rig = Rig::new(&strs(&daemon_args));
+    let rig = Rig::new(mac, &strs(&daemon_args));
     let peer_mac = rig.peer.mac_string("vp0");
     let before = link_counter(&rig.peer, "vp0", "rx_packets");
     let mut pmd = Testpmd::start(
         &[Port {
             socket: &rig.daemon.socket,
-            mac: MAC,
+            mac,
             devargs,
         }],
         &[
@@ -137,11 +139,11 @@ fn rxonly(devargs: &str, queues: u16) {
     }
     let _one = one_testpmd_at_a_time();
     let (daemon_args, app_args) = queue_args(queues);
-    let rig = Rig::new(&strs(&daemon_args));
+    let rig = Rig::new(Some(MAC), &strs(&daemon_args));
     let mut pmd = Testpmd::start(
         &[Port {
             socket: &rig.daemon.socket,
-            mac: MAC,
+            mac: Some(MAC),
             devargs,
         }],
         &[&["--forward-mode=rxonly"][..], &strs(&app_args)].concat(),
@@ -211,12 +213,19 @@ fn rxonly(devargs: &str, queues: u16) {
 
 #[test]
 fn testpmd_txonly_mergeable() {
-    txonly("queues=1,mrg_rxbuf=1", 1);
+    txonly("queues=1,mrg_rxbuf=1", 1, Some(MAC));
+}
+
+/// Neither vhost-packet's `--mac` nor virtio-user's `mac=`, as a new user starts them: the
+/// MAC testpmd sends from is learned from its first frame, and every frame reaches the peer.
+#[test]
+fn testpmd_txonly_without_any_mac() {
+    txonly("queues=1,mrg_rxbuf=1", 1, None);
 }
 
 #[test]
 fn testpmd_txonly_without_mergeable() {
-    txonly("queues=1,mrg_rxbuf=0", 1);
+    txonly("queues=1,mrg_rxbuf=0", 1, Some(MAC));
 }
 
 #[test]
@@ -232,7 +241,7 @@ fn testpmd_rxonly_without_mergeable() {
 /// Two queue pairs (virtio-user needs its control queue, `cq=1`, to enable the second).
 #[test]
 fn testpmd_txonly_two_queue_pairs() {
-    txonly("queues=2,cq=1,mrg_rxbuf=1", 2);
+    txonly("queues=2,cq=1,mrg_rxbuf=1", 2, Some(MAC));
 }
 
 #[test]
@@ -266,12 +275,12 @@ fn testpmd_default_features_forward_kernel_tcp() {
         &[
             Port {
                 socket: &da.socket,
-                mac: "52:54:00:aa:bb:0a",
+                mac: Some("52:54:00:aa:bb:0a"),
                 devargs: "",
             },
             Port {
                 socket: &db.socket,
-                mac: "52:54:00:aa:bb:0b",
+                mac: Some("52:54:00:aa:bb:0b"),
                 devargs: "",
             },
         ],

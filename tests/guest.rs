@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::guest::{
     bit, guest_iperf, one_guest_at_a_time, require_guest, Guest, GuestNet, GuestOptions, GUEST_IP,
-    GUEST_IP6, PEER_IP, PEER_IP6,
+    GUEST_IP6, GUEST_MAC, PEER_IP, PEER_IP6,
 };
 
 const CMD: Duration = Duration::from_secs(60);
@@ -79,6 +79,30 @@ fn guest_boots_and_pings_peer_and_back() {
         guest.accelerator(),
         guest.link_up_secs
     );
+}
+
+/// A new user's first contact: vhost-packet started without `--mac`, QEMU's device given its
+/// own `mac=` (QEMU never tells a vhost-user backend that MAC). vhost-packet learns it from the
+/// guest's first frame: ping and TCP both ways, nothing dropped as spoofed.
+#[test]
+fn guest_without_mac_option_learns_its_mac() {
+    if !require_guest() {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let net = GuestNet::without_mac(&[]);
+    let mut guest = net.boot(&GuestOptions::default());
+    ping_both_ways(&net, &mut guest);
+    let (up, down) = tcp_both_ways(&mut guest);
+    let log = net.daemon().log();
+    assert_eq!(
+        log.matches(&format!("guest MAC is {GUEST_MAC} (learned)"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_no_error_drops(&net.stats());
+    eprintln!("learned MAC: guest->peer {up:.2} Gbit/s, peer->guest {down:.2} Gbit/s");
 }
 
 /// b) TCP bulk both ways with offloads on: TSO/GSO frames both ways, multi-buffer RX.

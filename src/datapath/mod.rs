@@ -2,6 +2,7 @@
 //! that drive them. Each pair is owned by one worker thread; nothing here is shared between
 //! pairs.
 
+pub mod mac;
 pub mod offload;
 pub mod rx;
 pub mod segment;
@@ -9,7 +10,7 @@ pub mod tx;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -23,6 +24,7 @@ use crate::packet::error::PacketError;
 use crate::packet::socket::PacketSocket;
 use crate::stats::PairStats;
 use crate::virtio::features::Negotiated;
+pub use mac::{GuestMac, MacPolicy};
 use rx::{RxContext, RxOutcome, RxPath};
 use tx::{TxContext, TxOutcome, TxPath};
 
@@ -59,20 +61,11 @@ impl EventIds {
     }
 }
 
-/// Which frames a guest may send and receive.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MacPolicy {
-    pub guest_mac: [u8; 6],
-    /// Deliver every frame, not only those for the guest, broadcast and multicast.
-    pub promisc: bool,
-    /// Let the guest send from any source MAC.
-    pub allow_spoofing: bool,
-}
-
 /// One RX/TX queue pair.
 pub struct QueuePair {
     index: usize,
-    socket: PacketSocket,
+    /// Shared with the device's `GuestMac`, which sets its membership and filter.
+    socket: Arc<PacketSocket>,
     /// A second descriptor for the socket, registered for EPOLLOUT only while TX is blocked
     /// (one epoll registration per descriptor, and readability is registered separately).
     writable_fd: OwnedFd,
@@ -92,7 +85,7 @@ pub struct QueuePair {
     rx: RxPath,
     tx: TxPath,
     stats: PairStats,
-    policy: MacPolicy,
+    guest_mac: Arc<GuestMac>,
     /// The guest broke a ring (avail index beyond reach): logged and counted once.
     rx_broken: bool,
     tx_broken: bool,
@@ -144,16 +137,13 @@ impl QueuePair {
     /// Errors are those of `dup(2)` and `eventfd(2)`.
     pub fn new(
         index: usize,
-        socket: PacketSocket,
+        socket: Arc<PacketSocket>,
         ids: EventIds,
-        policy: MacPolicy,
+        guest_mac: Arc<GuestMac>,
         busy_poll: Option<Duration>,
     ) -> io::Result<QueuePair> {
         let writable_fd = socket.try_clone()?;
         let resched = EventFd::new(EFD_NONBLOCK)?;
-        socket
-            .set_destination_filter((!policy.promisc).then_some(policy.guest_mac))
-            .map_err(io::Error::from)?;
         Ok(QueuePair {
             index,
             socket,
@@ -170,7 +160,7 @@ impl QueuePair {
             rx: RxPath::default(),
             tx: TxPath::default(),
             stats: PairStats::default(),
-            policy,
+            guest_mac,
             rx_broken: false,
             tx_broken: false,
             rx_wants_beyond: None,
@@ -235,17 +225,6 @@ impl QueuePair {
         self.rx_wants_beyond = None;
         self.stats.rx_drop_disabled += self.rx.reset();
         self.tx.reset();
-    }
-
-    /// The frontend changed the guest's MAC: follow it in the interface's filter, our RX filter
-    /// and the TX source check.
-    pub fn set_guest_mac(&mut self, mac: [u8; 6]) -> Result<(), PacketError> {
-        self.socket.add_membership(mac)?;
-        if !self.policy.promisc {
-            self.socket.set_destination_filter(Some(mac))?;
-        }
-        self.policy.guest_mac = mac;
-        Ok(())
     }
 
     pub fn set_memory(&mut self, mem: GuestMemory) {
@@ -388,7 +367,7 @@ impl QueuePair {
             let pass = self.rx.process(&mut RxContext {
                 queue: state.get_queue_mut(),
                 mem: &mem,
-                socket: &self.socket,
+                socket: &*self.socket,
                 features: self.features,
                 stats: &mut self.stats,
                 look_first,
@@ -453,7 +432,7 @@ impl QueuePair {
                 socket: &self.socket,
                 features: self.features,
                 stats: &mut self.stats,
-                source_mac: (!self.policy.allow_spoofing).then_some(self.policy.guest_mac),
+                source_mac: self.guest_mac.source_check(),
             });
             if pass.notify {
                 state

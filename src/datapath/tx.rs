@@ -92,8 +92,8 @@ pub struct TxContext<'a> {
     pub socket: &'a PacketSocket,
     pub features: Negotiated,
     pub stats: &'a mut PairStats,
-    /// The only source MAC the guest may send from; `None` allows any.
-    pub source_mac: Option<[u8; 6]>,
+    /// What the guest's source MAC is checked against (and learned from); `None` allows any.
+    pub source_mac: Option<super::mac::SourceCheck<'a>>,
 }
 
 /// Result of a pass.
@@ -339,19 +339,12 @@ impl TxPath {
                 return Fate::Drop;
             }
         }
-        if let Some(mac) = ctx.source_mac {
+        if let Some(check) = &mut ctx.source_mac {
             let mut source = [0u8; 6];
             scatter.read_at(hdr_len + 6, &mut source);
-            if source != mac {
+            if !check.allows(source) {
                 ctx.stats.tx_drop_spoofed += 1;
-                // QEMU 7.2 does not read the MAC from the backend (no PROTOCOL_F_CONFIG for
-                // virtio-net): a device `mac=` without the same `--mac` lands here.
-                self.log(format_args!(
-                    "TX: dropped a frame from {} that is not the guest's MAC {} \
-                     (give vhost-packet --mac the MAC of the frontend's device)",
-                    crate::config::MacAddr(source),
-                    crate::config::MacAddr(mac)
-                ));
+                self.log(format_args!("TX: {}", check.refusal(source)));
                 return Fate::Drop;
             }
         }

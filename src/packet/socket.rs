@@ -62,6 +62,18 @@ pub struct SocketOptions {
     pub force_legacy_vnet_hdr: bool,
 }
 
+/// Which frames a packet socket lets through, by destination MAC
+/// ([`PacketSocket::set_destination_filter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationFilter {
+    /// Every frame (`--promisc`).
+    Everything,
+    /// Group addresses only: broadcast and multicast (the guest's MAC is not known yet).
+    Group,
+    /// Group addresses and frames for this MAC.
+    GroupAnd([u8; 6]),
+}
+
 /// Result of [`PacketSocket::recv`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecvLen {
@@ -543,37 +555,46 @@ impl PacketSocket {
         self.membership(false, Membership::Unicast(mac))
     }
 
-    /// Turns the promiscuous membership on or off (counted like the unicast ones).
-    /// Lets the kernel queue only frames for `mac`, broadcast and multicast (a classic BPF
-    /// filter, so unwanted frames cost nothing in userspace), or everything with `None`.
-    pub fn set_destination_filter(&self, mac: Option<[u8; 6]>) -> Result<(), PacketError> {
+    /// Which frames the kernel queues on this socket (a classic BPF filter, so unwanted
+    /// frames cost nothing in userspace). The kernel swaps filters atomically.
+    pub fn set_destination_filter(&self, filter: DestinationFilter) -> Result<(), PacketError> {
         let err = |source| PacketError::SetOption {
             iface: self.iface_name.clone(),
             option: "SO_ATTACH_FILTER",
-            value: i32::from(mac.is_some()),
+            value: i32::from(filter != DestinationFilter::Everything),
             source,
         };
-        let Some(mac) = mac else {
-            // SAFETY: SO_DETACH_FILTER takes no argument; a zero int is a valid optval.
-            let rc = unsafe {
-                libc::setsockopt(
-                    self.fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_DETACH_FILTER,
-                    (&0 as *const c_int).cast::<c_void>(),
-                    mem::size_of::<c_int>() as libc::socklen_t,
-                )
-            };
-            // ENOENT: there was no filter, which is what was asked for.
-            return match rc {
-                0 => Ok(()),
-                _ => match io::Error::last_os_error() {
-                    e if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                    e => Err(err(e)),
-                },
-            };
+        let (unicast, group);
+        let program: &[libc::sock_filter] = match filter {
+            DestinationFilter::GroupAnd(mac) => {
+                unicast = destination_filter(mac);
+                &unicast
+            }
+            DestinationFilter::Group => {
+                group = group_filter();
+                &group
+            }
+            DestinationFilter::Everything => {
+                // SAFETY: SO_DETACH_FILTER takes no argument; a zero int is a valid optval.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        self.fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_DETACH_FILTER,
+                        (&0 as *const c_int).cast::<c_void>(),
+                        mem::size_of::<c_int>() as libc::socklen_t,
+                    )
+                };
+                // ENOENT: there was no filter, which is what was asked for.
+                return match rc {
+                    0 => Ok(()),
+                    _ => match io::Error::last_os_error() {
+                        e if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                        e => Err(err(e)),
+                    },
+                };
+            }
         };
-        let program = destination_filter(mac);
         let fprog = libc::sock_fprog {
             len: program.len() as u16,
             filter: program.as_ptr().cast_mut(),
@@ -594,6 +615,7 @@ impl PacketSocket {
         Ok(())
     }
 
+    /// Turns the promiscuous membership on or off (counted like the unicast ones).
     pub fn set_promisc(&self, on: bool) -> Result<(), PacketError> {
         self.membership(on, Membership::Promisc)
     }
@@ -983,16 +1005,34 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: c_int, name: c_int) -> io::Result<c
     }
 }
 
+/// Classic BPF over the Ethernet header: accept a group address (I/G bit, broadcast included),
+/// drop the rest.
+fn group_filter() -> [libc::sock_filter; 4] {
+    [
+        bpf(LD_B, 0, 0, 0),       // 0: A = first octet of the destination
+        bpf(JSET, 0, 1, 1),       // 1: group address -> 2, else 3
+        bpf(RET, 0, 0, u32::MAX), // 2: accept the whole frame
+        bpf(RET, 0, 0, 0),        // 3: drop
+    ]
+}
+
+// Classic BPF opcodes the destination filters use.
+const LD_B: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
+const LD_H: u16 = 0x28; // BPF_LD | BPF_H | BPF_ABS
+const LD_W: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+const RET: u16 = 0x06; // BPF_RET | BPF_K
+
+/// One instruction; jump offsets count from the next instruction.
+fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
 /// Classic BPF over the Ethernet header: accept a group address (I/G bit, broadcast included)
-/// or exactly `mac`, drop the rest. Jump offsets count from the next instruction.
+/// or exactly `mac`, drop the rest.
 fn destination_filter(mac: [u8; 6]) -> [libc::sock_filter; 8] {
-    const LD_B: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
-    const LD_H: u16 = 0x28; // BPF_LD | BPF_H | BPF_ABS
-    const LD_W: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
-    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET: u16 = 0x06; // BPF_RET | BPF_K
-    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let op = bpf;
     let first4 = u32::from_be_bytes([mac[0], mac[1], mac[2], mac[3]]);
     let last2 = u32::from(u16::from_be_bytes([mac[4], mac[5]]));
     [
@@ -1072,5 +1112,20 @@ mod filter_tests {
             0,
             "someone else"
         );
+    }
+
+    #[test]
+    fn group_filter_keeps_broadcast_and_multicast_only() {
+        let prog = group_filter();
+        let frame = |dst: [u8; 6]| {
+            let mut f = dst.to_vec();
+            f.extend_from_slice(&[0; 8]);
+            f
+        };
+        assert_eq!(run(&prog, &frame([0xff; 6])), u32::MAX, "broadcast");
+        assert_eq!(run(&prog, &frame([0x33, 0x33, 0, 0, 0, 1])), u32::MAX);
+        assert_eq!(run(&prog, &frame([0x01, 0, 0x5e, 0, 0, 1])), u32::MAX);
+        assert_eq!(run(&prog, &frame([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])), 0);
+        assert_eq!(run(&prog, &frame([0x52, 0x54, 0, 0x12, 0x34, 0x56])), 0);
     }
 }

@@ -26,7 +26,8 @@ pub fn require_testpmd() -> bool {
 /// One virtio-user port: `--vdev net_virtio_user<N>,path=...,<devargs>`.
 pub struct Port<'a> {
     pub socket: &'a Path,
-    pub mac: &'a str,
+    /// `mac=`; `None`: virtio-user asks the backend (GET_CONFIG) or makes one up.
+    pub mac: Option<&'a str>,
     /// More devargs, e.g. `mrg_rxbuf=0,queues=1`.
     pub devargs: &'a str,
 }
@@ -76,11 +77,10 @@ impl Testpmd {
                 "pmd.net.virtio.*:error",
             ]);
         for (i, p) in ports.iter().enumerate() {
-            let mut vdev = format!(
-                "net_virtio_user{i},path={},mac={}",
-                p.socket.display(),
-                p.mac
-            );
+            let mut vdev = format!("net_virtio_user{i},path={}", p.socket.display());
+            if let Some(mac) = p.mac {
+                vdev.push_str(&format!(",mac={mac}"));
+            }
             if !p.devargs.is_empty() {
                 vdev.push(',');
                 vdev.push_str(p.devargs);

@@ -376,6 +376,8 @@ pub struct GuestNet {
     pub host: NetNs,
     pub daemon: Option<Daemon>,
     pub socket: PathBuf,
+    /// `--mac` for vhost-packet; `None`: it learns the MAC QEMU's device was given.
+    mac: Option<&'static str>,
     extra: Vec<String>,
     _iperf: ChildGuard,
 }
@@ -384,6 +386,16 @@ impl GuestNet {
     /// Namespaces, veth (MTU `mtu` if given), iperf3 server, and vhost-packet started with the
     /// guest's MAC plus `extra` arguments.
     pub fn new(mtu: Option<u32>, extra: &[&str]) -> GuestNet {
+        GuestNet::with_mac(Some(GUEST_MAC), mtu, extra)
+    }
+
+    /// Like [`GuestNet::new`], with vhost-packet not told the MAC (no `--mac`), as a new user
+    /// starts it: QEMU's device still has `mac=GUEST_MAC`.
+    pub fn without_mac(extra: &[&str]) -> GuestNet {
+        GuestNet::with_mac(None, None, extra)
+    }
+
+    fn with_mac(mac: Option<&'static str>, mtu: Option<u32>, extra: &[&str]) -> GuestNet {
         let host = NetNs::new("vpg-host");
         let peer = NetNs::new("vpg-peer");
         let pair = veth_pair(&host, "vh0", &peer, "vp0");
@@ -400,6 +412,7 @@ impl GuestNet {
             host,
             daemon: None,
             socket,
+            mac,
             extra,
             _iperf: iperf,
         };
@@ -409,7 +422,7 @@ impl GuestNet {
 
     /// (Re)starts vhost-packet on the same socket path.
     pub fn start_daemon(&mut self) {
-        let mut args = vec!["--mac", GUEST_MAC];
+        let mut args: Vec<&str> = self.mac.iter().flat_map(|m| ["--mac", m]).collect();
         args.extend(self.extra.iter().map(String::as_str));
         self.daemon = Some(Daemon::start_at(&self.host, "vh0", &self.socket, &args));
     }
