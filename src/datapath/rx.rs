@@ -1039,6 +1039,11 @@ mod tests {
         frames: RefCell<VecDeque<Vec<u8>>>,
         /// A tag "stripped by the interface" from every frame.
         vlan: Option<crate::packet::socket::VlanTag>,
+        /// The first frame is refused (EINVAL, left queued) unless received into at most 64
+        /// bytes: a frame the kernel will not put into the guest's buffers.
+        refuse_first: std::cell::Cell<bool>,
+        /// The next receive takes the first frame and fails (EINVAL): a frame the kernel drops.
+        drop_first: std::cell::Cell<bool>,
     }
 
     fn scripted(hdr_len: usize, frames: Vec<Vec<u8>>) -> Scripted {
@@ -1047,6 +1052,8 @@ mod tests {
             header: [0; 12],
             frames: RefCell::new(frames.into()),
             vlan: None,
+            refuse_first: Default::default(),
+            drop_first: Default::default(),
         }
     }
 
@@ -1067,6 +1074,14 @@ mod tests {
             if iov.len() > UIO_MAXIOV {
                 // As the kernel: refused before the frame is taken off the queue.
                 return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+            }
+            let room: usize = iov.iter().map(|v| v.iov_len).sum();
+            if self.refuse_first.get() && room > 64 && !self.frames.borrow().is_empty() {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            self.refuse_first.set(false);
+            if self.drop_first.take() && self.frames.borrow_mut().pop_front().is_some() {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
             let Some(frame) = self.frames.borrow_mut().pop_front() else {
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -1556,6 +1571,36 @@ mod tests {
             assert_eq!(guest.used(), vec![(0, 1536), (1, 476)], "{features:#x}");
             assert_eq!(guest.queue.next_avail(), 3);
             assert_eq!(stats.rx_drop_bad_chain, 1);
+        }
+    }
+
+    #[test]
+    fn a_frame_the_socket_keeps_refusing_is_dropped_once_and_the_next_one_delivered() {
+        for features in [MRG, TSO] {
+            let mut guest = Guest::new(&[vec![1536], vec![1536]]);
+            let source = scripted(12, vec![frame_of(100), frame_of(200)]);
+            source.refuse_first.set(true);
+            let (pass, stats) = run(&mut guest, &source, features);
+            assert_eq!(pass.outcome, RxOutcome::Drained, "{features:#x}");
+            assert_eq!(stats.rx_drop_kernel, 1, "{features:#x}: counted once");
+            assert_eq!(guest.used(), vec![(0, 212)], "{features:#x}");
+            assert_eq!(guest.read_chain(0, 212)[12..], frame_of(200)[..]);
+        }
+    }
+
+    #[test]
+    fn a_frame_the_kernel_drops_on_receive_is_counted_once() {
+        for features in [MRG, TSO] {
+            let mut guest = Guest::new(&[vec![1536], vec![1536]]);
+            let source = scripted(12, vec![frame_of(100), frame_of(100), frame_of(300)]);
+            source.drop_first.set(true);
+            let (_, stats) = run(&mut guest, &source, features);
+            assert_eq!(stats.rx_drop_kernel, 1, "{features:#x}");
+            assert_eq!(
+                guest.used(),
+                vec![(0, 112), (1, 312)],
+                "{features:#x}: the frames after it are delivered"
+            );
         }
     }
 
