@@ -1413,6 +1413,53 @@ fn vlan_tags_the_interface_strips_are_put_back() {
 }
 
 #[test]
+fn a_tagged_frame_waits_for_room_for_the_tag_the_interface_stripped() {
+    // The socket reports the frame's length without the tag the interface stripped; the guest
+    // gets it back. Buffers summing to exactly frame + header without the tag are 4 bytes short:
+    // a mergeable guest must get the frame once it posts one more buffer, not lose it.
+    let Some(rig) = rig(&[]) else { return };
+    let peer = peer_socket(&rig);
+    let mut fe = guest(&rig, GUEST_FEATURES, &[]);
+    let frame = tagged(
+        &ethernet(GUEST_MAC, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(300, 7)),
+        42,
+    );
+    let untagged = (frame.len() - 4) as u32;
+    fe.post_rx(&[200]);
+    fe.post_rx(&[untagged + 12 - 200]);
+    fe.kick_rx();
+    let before = rig.daemon.stats();
+    peer.send_vectored(&[
+        std::io::IoSlice::new(&[0u8; 12]),
+        std::io::IoSlice::new(&frame),
+    ])
+    .unwrap();
+    // Until the daemon has looked at the frame: it either drops it or, waiting for buffers,
+    // asks for a kick beyond the two it has (EVENT_IDX avail_event).
+    let deadline = std::time::Instant::now() + T;
+    let after = loop {
+        let s = rig.daemon.stats();
+        if s["rx.drops.oversize"] > before["rx.drops.oversize"]
+            || fe.avail_event(Queue::Rx) == fe.avail_idx(Queue::Rx)
+            || std::time::Instant::now() > deadline
+        {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        after["rx.drops.oversize"] - before["rx.drops.oversize"],
+        0,
+        "the frame waits for buffers instead of being dropped as oversize"
+    );
+    fe.post_rx(&[64]);
+    fe.kick_rx();
+    let p = recv_matching(&mut fe, |f| f.len() == frame.len())
+        .expect("the tagged frame arrives after one more buffer");
+    assert_eq!(p.frame, frame, "byte for byte, tag put back");
+}
+
+#[test]
 fn guests_send_only_from_their_own_mac_unless_allowed() {
     for allow in [false, true] {
         let extra: &[&str] = if allow {

@@ -16,7 +16,9 @@
 //! - good chains are used in avail order; each packet's elements are adjacent, `num_buffers` in
 //!   its first buffer counts them (1 without MRG_RXBUF), all but its last buffer are full; its
 //!   header's flags, csum fields and gso_type are ones the guest negotiated;
-//! - `used.idx` in guest memory is the queue's `next_used`; `rx_packets` counts the packets.
+//! - `used.idx` in guest memory is the queue's `next_used`; `rx_packets` counts the packets;
+//! - no frame is refused (as the kernel does with more than `UIO_MAXIOV` iovecs, before it
+//!   takes the frame off its queue) more than `MAX_REFUSALS` times in a row.
 //!
 //! Around every pass, the descriptor table, the avail ring and the indirect tables are
 //! unchanged. After the last pass, in the buffer area: a byte within the used length of a used
@@ -30,12 +32,14 @@
 //! chains), bits 4-7 queue size 2^(n mod 9)), start (2: initial ring indices),
 //! used_event (2), avail_flags (2), rounds (1: 1 + n mod 3), then per round: chain count (1),
 //! chains, frame count (1, mod 17), frames. A chain is kind (1: bits 0-1 descriptors - 1,
-//! bits 2-4 kind, see [`ChainKind`]) and a 2-byte length per descriptor. A frame is kind (1:
+//! bits 2-4 kind, see [`ChainKind`], bit 5 sixteen times as many descriptors, so that the
+//! chains staged for one frame can hold more iovecs than one recvmsg takes) and a 2-byte length
+//! per descriptor. A frame is kind (1:
 //! bits 0-1: 0/1 frame, 2 frame with VLAN tag, 3 socket error `n >> 2`), then for a frame the
 //! 12-byte vnet header, VLAN TPID and TCI (2 + 2, if tagged), data length (2), data, and a
 //! 2-byte count of pattern bytes appended.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 
@@ -44,8 +48,8 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use vhost_packet::datapath::rx::{FrameSource, RxContext, RxPath};
-use vhost_packet::packet::socket::{RecvLen, VlanTag};
+use vhost_packet::datapath::rx::{FrameSource, RxContext, RxPath, MAX_REFUSALS};
+use vhost_packet::packet::socket::{RecvLen, VlanTag, UIO_MAXIOV};
 use vhost_packet::stats::PairStats;
 use vhost_packet::virtio::chain::{self, Access, QueueGeometry, Scatter};
 use vhost_packet::virtio::features::Negotiated;
@@ -147,7 +151,7 @@ impl ChainKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainSpec {
     pub kind: ChainKind,
-    /// 1 to 4 descriptor lengths.
+    /// 1 to 4 descriptor lengths, or 16 times that.
     pub lens: Vec<u16>,
 }
 
@@ -204,7 +208,8 @@ impl RxInput {
             let mut round = Round::default();
             for _ in 0..r.u8() {
                 let b = r.u8();
-                let lens = (0..=(b & 3)).map(|_| r.u16()).collect();
+                let n = (usize::from(b & 3) + 1) * if b & 0x20 != 0 { 16 } else { 1 };
+                let lens = (0..n).map(|_| r.u16()).collect();
                 round.chains.push(ChainSpec {
                     kind: ChainKind::from_bits(b >> 2),
                     lens,
@@ -248,7 +253,14 @@ impl RxInput {
         for round in &self.rounds {
             w.u8(round.chains.len() as u8);
             for c in &round.chains {
-                w.u8((c.lens.len() as u8 - 1) | (c.kind.bits() << 2));
+                let n = c.lens.len();
+                let count = if n > 4 {
+                    assert!(n % 16 == 0 && n <= 64, "{n} descriptors cannot be encoded");
+                    0x20 | (n / 16 - 1) as u8
+                } else {
+                    n as u8 - 1
+                };
+                w.u8(count | (c.kind.bits() << 2));
                 for &l in &c.lens {
                     w.u16(l);
                 }
@@ -287,10 +299,14 @@ enum Item {
 }
 
 /// A packet socket as the datapath sees it: frames written over the iovecs with the kernel's
-/// header in front, truncated (and flagged) when they do not fit.
+/// header in front, truncated (and flagged) when they do not fit; more iovecs than the kernel
+/// takes are refused, the frame left queued.
 struct Scripted {
     hdr_len: usize,
     items: RefCell<VecDeque<Item>>,
+    /// Calls refused in a row with the same item first, and the most of that seen.
+    refused: Cell<u32>,
+    most_refused: Cell<u32>,
 }
 
 impl FrameSource for Scripted {
@@ -311,6 +327,14 @@ impl FrameSource for Scripted {
     }
 
     unsafe fn recv(&self, iov: &mut [iovec]) -> io::Result<RecvLen> {
+        if iov.len() > UIO_MAXIOV {
+            // The kernel checks the iovec count before it looks at its queue.
+            self.refused.set(self.refused.get() + 1);
+            self.most_refused
+                .set(self.most_refused.get().max(self.refused.get()));
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        self.refused.set(0);
         let Some(item) = self.items.borrow_mut().pop_front() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
@@ -626,6 +650,8 @@ pub fn run_input(input: &RxInput) -> PairStats {
     let source = Scripted {
         hdr_len: kernel_hdr,
         items: RefCell::new(VecDeque::new()),
+        refused: Cell::new(0),
+        most_refused: Cell::new(0),
     };
     let mut rx = RxPath::default();
     let mut stats = PairStats::default();
@@ -678,6 +704,12 @@ pub fn run_input(input: &RxInput) -> PairStats {
             fixed_areas(&guest),
             fixed,
             "the device wrote to a table or avail ring"
+        );
+        assert!(
+            source.most_refused.get() <= MAX_REFUSALS,
+            "a frame refused {} times in a row (more than {UIO_MAXIOV} iovecs): RX retries it \
+             without end",
+            source.most_refused.get()
         );
 
         // What the pass consumed and returned.

@@ -691,6 +691,37 @@ fn rx_writer() -> Vec<(String, Vec<u8>)> {
             )
         },
     ));
+    // Chains of 64 tiny buffers: the chains staged for a burst hold more iovecs than one
+    // recvmsg takes (20 x 64 = 1280 > 1024).
+    out.push((
+        "tiny_buffers_beyond_uio_maxiov",
+        RxInput {
+            queue_log2: 8,
+            ..with(
+                mrg | GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6,
+                vec![Round {
+                    chains: vec![
+                        ChainSpec {
+                            kind: ChainKind::Indirect,
+                            lens: vec![16; 64],
+                        };
+                        20
+                    ],
+                    frames: vec![
+                        frame(plain, &small_frame(100)),
+                        frame(plain, &small_frame(60)),
+                        frame(plain, &small_frame(100)),
+                        FrameSpec::Frame {
+                            header: plain,
+                            vlan: None,
+                            data: small_frame(64),
+                            pad: 3000,
+                        },
+                    ],
+                }],
+            )
+        },
+    ));
     out.into_iter()
         .map(|(name, input)| (name.to_owned(), input.encode()))
         .collect()

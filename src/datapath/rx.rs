@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::offload::{self, RxVerdict};
 use super::segment::{self, GsoParams, SegmentCsum};
-use crate::packet::socket::{PacketSocket, RecvLen, VlanTag};
+use crate::packet::socket::{PacketSocket, RecvLen, VlanTag, UIO_MAXIOV};
 use crate::stats::{PairStats, RateLimit};
 use crate::virtio::chain::{self, Access, Chain, Scatter};
 use crate::virtio::features::Negotiated;
@@ -33,6 +33,9 @@ const ETH_ADDRS_LEN: usize = 12;
 const VLAN_TAG_LEN: usize = 4;
 /// Used elements written before an intermediate publish, so the guest can start early.
 const PUBLISH_BATCH: u16 = 64;
+/// Receives refused in a row with the same frame first in the socket's queue before that frame
+/// is taken off and dropped, so that a frame the kernel never hands over cannot wedge the queue.
+pub const MAX_REFUSALS: u32 = 3;
 
 /// How a pass ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +166,8 @@ fn adapt_frame<T: AsRef<[u8]> + AsMut<[u8]>>(
 struct Staged {
     chain: Chain,
     bad: bool,
+    /// Its position in the avail ring (`next_avail` when it was popped).
+    at: u16,
 }
 
 /// RX state of one queue pair. The buffers are reused across passes; their contents are not.
@@ -172,6 +177,12 @@ pub struct RxPath {
     staged_bytes: usize,
     recv_iov: Vec<iovec>,
     skipped_bad: Vec<u16>,
+    /// Avail positions of bad chains already counted and given back (they were staged behind
+    /// good ones): the pass that takes them again does not count them again.
+    counted_bad: Vec<u16>,
+    /// Receives that failed in a row with the same frame length first in the queue (SIOCINQ
+    /// after each): that length and how many. The whole run counts as one frame lost.
+    refused: Option<(usize, u32)>,
     signal_due: bool,
     /// A GSO frame being segmented, moved out of the guest buffers that take its segments.
     bounce: Vec<u8>,
@@ -194,6 +205,8 @@ impl Default for RxPath {
             staged_bytes: 0,
             recv_iov: Vec::with_capacity(256),
             skipped_bad: Vec::new(),
+            counted_bad: Vec::new(),
+            refused: None,
             signal_due: false,
             bounce: Vec::new(),
             pending: None,
@@ -266,6 +279,7 @@ impl RxPath {
     #[must_use]
     pub fn reset(&mut self) -> u64 {
         self.notify = NotifyState::default();
+        self.counted_bad.clear();
         self.clear_staging();
         self.drop_pending()
     }
@@ -297,11 +311,19 @@ impl RxPath {
             size: ctx.queue.size(),
         };
         let mut used = UsedRing::new(addrs, ctx.queue.next_used());
+        let first = ctx.queue.next_avail();
         let outcome = self.receive_loop(ctx, &mut used);
+        self.end_refusals(ctx);
 
-        // Give back what was staged but not filled; bad chains among them are judged again
-        // next time.
+        // Give back what was staged but not filled. Bad chains among them are judged again
+        // next time, but were counted: remember them so that they are not counted again
+        // (those this pass took were either returned now or are staged again).
         let avail_seen = ctx.queue.next_avail();
+        let taken = avail_seen.wrapping_sub(first);
+        self.counted_bad
+            .retain(|&at| at.wrapping_sub(first) >= taken);
+        self.counted_bad
+            .extend(self.staged.iter().filter(|s| s.bad).map(|s| s.at));
         let unfilled = self.staged.len() as u16;
         let next_avail = ctx.queue.next_avail().wrapping_sub(unfilled);
         ctx.queue.set_next_avail(next_avail);
@@ -388,8 +410,11 @@ impl RxPath {
             if capacity == 0 {
                 return RxOutcome::NeedBuffers;
             }
+            // The lengths the socket reports leave out a VLAN tag the interface stripped, which
+            // the guest gets back: a frame that fits only without it waits for more buffers
+            // rather than being received and dropped as oversize.
             if let Some(need) = known_len {
-                if need > capacity {
+                if need + VLAN_TAG_LEN > capacity {
                     return RxOutcome::NeedBuffers;
                 }
             } else if capacity < MAX_FRAME + hdr_len {
@@ -397,7 +422,7 @@ impl RxPath {
                 match self.next_frame_len(ctx) {
                     None => return RxOutcome::Drained,
                     // More buffers may come.
-                    Some(len) if len + hdr_len > capacity && mergeable => {
+                    Some(len) if len + hdr_len + VLAN_TAG_LEN > capacity && mergeable => {
                         return RxOutcome::NeedBuffers
                     }
                     // Without MRG_RXBUF a frame must fit one chain, whatever the guest posts
@@ -415,14 +440,14 @@ impl RxPath {
                 self.receive_one(ctx, used, hdr_len, kernel_hdr, mergeable, capacity)
             };
             match received {
-                Ok(()) => {}
+                Ok(()) => self.end_refusals(ctx),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return RxOutcome::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
                     self.socket_error(ctx, e);
                     return RxOutcome::Drained;
                 }
-                Err(e) => self.socket_error(ctx, e),
+                Err(e) => self.receive_failed(ctx, e),
             }
             if used.pending() >= PUBLISH_BATCH {
                 // Let the guest start on a long burst early; the caller signals once at the end.
@@ -456,6 +481,65 @@ impl RxPath {
         }
     }
 
+    /// A receive failed with an error other than EAGAIN, EINTR and ENETDOWN. Either the kernel
+    /// took the frame and dropped it (EINVAL: its metadata cannot be expressed in a virtio
+    /// header), or it refused the call before taking any (EMSGSIZE, EINVAL from the iovec import)
+    /// and the frame is still first in the queue. SIOCINQ after each failure tells the two apart
+    /// well enough: failures in a row with the same length first in the queue are one frame,
+    /// counted once, and taken off explicitly after `MAX_REFUSALS`, or they would repeat for
+    /// ever. (Same-length frames dropped one after another count as one: an undercount only.)
+    fn receive_failed<S: FrameSource + ?Sized>(
+        &mut self,
+        ctx: &mut RxContext<'_, S>,
+        e: io::Error,
+    ) {
+        let first_len = ctx.socket.pending_len().unwrap_or(0);
+        match self.refused {
+            Some((len, n)) if len == first_len && first_len != 0 => {
+                if n + 1 < MAX_REFUSALS {
+                    self.refused = Some((len, n + 1));
+                    return;
+                }
+                self.refused = None;
+                let mut scratch = [0u8; 64];
+                // A plain buffer the kernel cannot refuse; the frame is truncated into it.
+                let mut iov = [iovec {
+                    iov_base: scratch.as_mut_ptr().cast(),
+                    iov_len: scratch.len(),
+                }];
+                // SAFETY: the iovec points at `scratch`, writable for its length during the call.
+                let taken = unsafe { ctx.socket.recv(&mut iov) };
+                ctx.stats.rx_drop_kernel += 1;
+                self.log(format_args!(
+                    "RX: the packet socket refused a {len}-byte frame {} times ({e}); dropped it ({})",
+                    n + 1,
+                    match taken {
+                        Ok(_) => "taken off".to_string(),
+                        Err(e) => format!("taking it off failed too: {e}"),
+                    }
+                ));
+            }
+            _ => {
+                // Another frame is first now: the previous run's frame went.
+                self.end_refusals(ctx);
+                if first_len == 0 {
+                    self.socket_error(ctx, e);
+                } else {
+                    self.refused = Some((first_len, 1));
+                    self.log(format_args!("RX: receiving from packet socket: {e}"));
+                }
+            }
+        }
+    }
+
+    /// A run of failed receives ended (a frame came through, the queue emptied, or the pass
+    /// ends): the frame they were about is gone, one frame lost.
+    fn end_refusals<S: FrameSource + ?Sized>(&mut self, ctx: &mut RxContext<'_, S>) {
+        if self.refused.take().is_some() {
+            ctx.stats.rx_drop_kernel += 1;
+        }
+    }
+
     /// A receive failed, or the socket had an error pending.
     fn socket_error<S: FrameSource + ?Sized>(&mut self, ctx: &mut RxContext<'_, S>, e: io::Error) {
         if e.raw_os_error() == Some(libc::ENETDOWN) {
@@ -463,8 +547,7 @@ impl RxPath {
             // packet is lost; frames flow again once it comes up.
             log::info!("RX: the interface is down; frames flow again when it comes up");
         } else {
-            // EINVAL: the kernel could not express this packet's metadata and dropped it: one
-            // packet is gone.
+            // One packet is gone (see `receive_failed`).
             ctx.stats.rx_drop_kernel += 1;
             self.log(format_args!("RX: receiving from packet socket: {e}"));
         }
@@ -500,6 +583,7 @@ impl RxPath {
             if enough {
                 return;
             }
+            let at = ctx.queue.next_avail();
             let Some(desc_chain) = ctx.queue.pop_descriptor_chain(ctx.mem) else {
                 return;
             };
@@ -530,11 +614,15 @@ impl RxPath {
                     self.staged.push_back(Staged {
                         chain: c,
                         bad: false,
+                        at,
                     });
                 }
                 Err(e) => {
-                    ctx.stats.rx_drop_bad_chain += 1;
-                    self.log(format_args!("RX: guest chain {head}: {e}"));
+                    // Counted once, though a pass that gives it back has it judged again.
+                    if !self.counted_bad.contains(&at) {
+                        ctx.stats.rx_drop_bad_chain += 1;
+                        self.log(format_args!("RX: guest chain {head}: {e}"));
+                    }
                     if head >= size && self.staged.is_empty() {
                         // Not a slot the used ring can name: nothing to give back. (Behind
                         // staged chains it is staged as bad all the same, so that giving them
@@ -548,6 +636,7 @@ impl RxPath {
                             len: 0,
                         },
                         bad: true,
+                        at,
                     };
                     if self.staged.is_empty() {
                         let _ = used.push(ctx.mem, head, 0);
@@ -569,8 +658,6 @@ impl RxPath {
         mergeable: bool,
         capacity: usize,
     ) -> io::Result<()> {
-        let guest_iov = &self.arena[self.staged_iovs(mergeable)];
-
         // A 10-byte kernel header in a 12-byte guest header leaves num_buffers as a hole.
         let hole = if kernel_hdr == LEN_BASE && hdr_len == LEN_MRG {
             LEN_BASE..LEN_MRG
@@ -578,7 +665,20 @@ impl RxPath {
             0..0
         };
         self.recv_iov.clear();
-        chain::carve(guest_iov, capacity, hole.clone(), &mut self.recv_iov);
+        let staged = self.staged_iovs(mergeable);
+        chain::carve(
+            &self.arena[staged.clone()],
+            capacity,
+            hole,
+            &mut self.recv_iov,
+        );
+        if self.recv_iov.len() > UIO_MAXIOV {
+            // More than one recvmsg takes (many tiny guest buffers): the kernel would refuse
+            // the call and keep the frame. Receive it whole into our own buffer instead, and
+            // copy it into the guest's.
+            return self.receive_via_bounce(ctx, used, hdr_len, kernel_hdr, mergeable, capacity);
+        }
+        let guest_iov = &self.arena[staged];
 
         // SAFETY: every iovec was resolved from the current guest memory mapping, which the
         // caller keeps alive for the whole pass, and covers writable guest buffers only.
@@ -954,6 +1054,11 @@ mod tests {
         frames: RefCell<VecDeque<Vec<u8>>>,
         /// A tag "stripped by the interface" from every frame.
         vlan: Option<crate::packet::socket::VlanTag>,
+        /// The first frame is refused (EINVAL, left queued) unless received into at most 64
+        /// bytes: a frame the kernel will not put into the guest's buffers.
+        refuse_first: std::cell::Cell<bool>,
+        /// The next receive takes the first frame and fails (EINVAL): a frame the kernel drops.
+        drop_first: std::cell::Cell<bool>,
     }
 
     fn scripted(hdr_len: usize, frames: Vec<Vec<u8>>) -> Scripted {
@@ -962,6 +1067,8 @@ mod tests {
             header: [0; 12],
             frames: RefCell::new(frames.into()),
             vlan: None,
+            refuse_first: Default::default(),
+            drop_first: Default::default(),
         }
     }
 
@@ -979,6 +1086,18 @@ mod tests {
         }
 
         unsafe fn recv(&self, iov: &mut [iovec]) -> io::Result<RecvLen> {
+            if iov.len() > UIO_MAXIOV {
+                // As the kernel: refused before the frame is taken off the queue.
+                return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+            }
+            let room: usize = iov.iter().map(|v| v.iov_len).sum();
+            if self.refuse_first.get() && room > 64 && !self.frames.borrow().is_empty() {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            self.refuse_first.set(false);
+            if self.drop_first.take() && self.frames.borrow_mut().pop_front().is_some() {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
             let Some(frame) = self.frames.borrow_mut().pop_front() else {
                 return Err(io::ErrorKind::WouldBlock.into());
             };
@@ -1154,7 +1273,8 @@ mod tests {
             };
             let (pass, stats) = run(&mut guest, &source, features);
             let used = guest.used();
-            if capacity < frame_len + 12 {
+            // Room for a VLAN tag the interface may have stripped is kept too.
+            if capacity < frame_len + 12 + VLAN_TAG_LEN {
                 prop_assert_eq!(pass.outcome, RxOutcome::NeedBuffers);
                 prop_assert!(used.is_empty());
                 prop_assert_eq!(guest.queue.next_avail(), 0, "every chain given back");
@@ -1466,6 +1586,36 @@ mod tests {
             assert_eq!(guest.used(), vec![(0, 1536), (1, 476)], "{features:#x}");
             assert_eq!(guest.queue.next_avail(), 3);
             assert_eq!(stats.rx_drop_bad_chain, 1);
+        }
+    }
+
+    #[test]
+    fn a_frame_the_socket_keeps_refusing_is_dropped_once_and_the_next_one_delivered() {
+        for features in [MRG, TSO] {
+            let mut guest = Guest::new(&[vec![1536], vec![1536]]);
+            let source = scripted(12, vec![frame_of(100), frame_of(200)]);
+            source.refuse_first.set(true);
+            let (pass, stats) = run(&mut guest, &source, features);
+            assert_eq!(pass.outcome, RxOutcome::Drained, "{features:#x}");
+            assert_eq!(stats.rx_drop_kernel, 1, "{features:#x}: counted once");
+            assert_eq!(guest.used(), vec![(0, 212)], "{features:#x}");
+            assert_eq!(guest.read_chain(0, 212)[12..], frame_of(200)[..]);
+        }
+    }
+
+    #[test]
+    fn a_frame_the_kernel_drops_on_receive_is_counted_once() {
+        for features in [MRG, TSO] {
+            let mut guest = Guest::new(&[vec![1536], vec![1536]]);
+            let source = scripted(12, vec![frame_of(100), frame_of(100), frame_of(300)]);
+            source.drop_first.set(true);
+            let (_, stats) = run(&mut guest, &source, features);
+            assert_eq!(stats.rx_drop_kernel, 1, "{features:#x}");
+            assert_eq!(
+                guest.used(),
+                vec![(0, 112), (1, 312)],
+                "{features:#x}: the frames after it are delivered"
+            );
         }
     }
 

@@ -872,8 +872,9 @@ impl AsFd for PacketSocket {
     }
 }
 
-/// Linux's per-call limit for iovecs and for sendmmsg's vlen (`UIO_MAXIOV`).
-const UIO_MAXIOV: usize = 1024;
+/// Linux's per-call limit for iovecs and for sendmmsg's vlen (`UIO_MAXIOV`). A recvmsg with more
+/// iovecs fails with EMSGSIZE before the kernel looks at its queue: the frame stays there.
+pub const UIO_MAXIOV: usize = 1024;
 
 fn empty_msghdr() -> libc::msghdr {
     // SAFETY: msghdr is a C struct of integers and raw pointers (plus padding on some
