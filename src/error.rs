@@ -35,6 +35,13 @@ pub enum Error {
     Privileges(crate::privileges::PrivilegeError),
     /// Blocking or waiting for signals failed.
     Signals(io::Error),
+    /// The socket handed in (`--fd`, systemd) is not one we can serve; the message says why.
+    Inherited(String),
+    /// `--metrics ADDR:PORT` could not be bound or served.
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for Error {
@@ -63,6 +70,8 @@ impl fmt::Display for Error {
             Error::QueueSetup { pair, source } => write!(f, "setting up queue pair {pair}: {source}"),
             Error::Privileges(e) => e.fmt(f),
             Error::Signals(e) => write!(f, "setting up signal handling: {e}"),
+            Error::Inherited(why) => f.write_str(why),
+            Error::Metrics { addr, source } => write!(f, "serving metrics on {addr}: {source}"),
         }
     }
 }
@@ -76,6 +85,7 @@ impl std::error::Error for Error {
             Error::QueueSetup { source, .. } => Some(source),
             Error::Signals(e) => Some(e),
             Error::Privileges(e) => Some(e),
+            Error::Metrics { source, .. } => Some(source),
             _ => None,
         }
     }
