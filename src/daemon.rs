@@ -166,10 +166,11 @@ impl Daemon {
         let listener = match &config.endpoint {
             Endpoint::Server(path) => Some(bind_socket(path, &config, user.as_ref(), socket_gid)?),
             Endpoint::Client(_) => None,
-            // SAFETY: main made this endpoint from a descriptor nothing else owns, and only
-            // this one Daemon is made from its configuration.
             Endpoint::Inherited(s) => {
-                Some(unsafe { s.clone().into_listener() }.map_err(Error::Internal)?)
+                // SAFETY: main made this endpoint from a descriptor nothing else owns, and
+                // only this one Daemon is made from its configuration.
+                let listener = unsafe { s.clone().into_listener() };
+                Some(listener.map_err(Error::Internal)?)
             }
         };
         let stats = match config.endpoint.path().map(control::control_path) {
