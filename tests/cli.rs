@@ -859,3 +859,157 @@ fn stats_command_reads_live_counters() {
         "the stats socket is removed at exit"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. QEMU's backend program conventions (docs/interop/vhost-user.rst), systemd, Prometheus
+
+/// The repository's `qemu/` directory.
+fn qemu_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
+}
+
+/// Checks a `VHostUserBackendCapabilities` for type `net`: `type` and nothing else (the
+/// schema's union has no members for `net`).
+fn assert_net_capabilities(json: &str) {
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json:?}"));
+    let obj = v.as_object().expect("a JSON object");
+    assert_eq!(
+        obj.get("type").and_then(|t| t.as_str()),
+        Some("net"),
+        "{json}"
+    );
+    assert_eq!(obj.len(), 1, "only `type` for net: {json}");
+}
+
+#[test]
+fn print_capabilities_prints_the_schemas_json_and_ignores_other_options() {
+    for args in [
+        &["--print-capabilities"][..],
+        // "Other options and arguments should be ignored": even a bad one.
+        &[
+            "--interface",
+            "nosuch0",
+            "--mtu",
+            "1",
+            "--print-capabilities",
+        ][..],
+    ] {
+        let out = vhost_packet(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert_eq!(out.stderr, "", "{args:?}");
+        assert_net_capabilities(&out.stdout);
+    }
+}
+
+#[test]
+fn the_vhost_user_descriptor_carries_what_the_schema_requires() {
+    let path = qemu_dir().join("50-vhost-packet.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the descriptor is JSON");
+    let obj = v.as_object().expect("one VhostUserBackend object");
+    for key in obj.keys() {
+        assert!(
+            ["description", "type", "binary", "tags"].contains(&key.as_str()),
+            "{key} is not a VhostUserBackend member"
+        );
+    }
+    assert!(obj["description"].as_str().is_some_and(|d| !d.is_empty()));
+    assert_eq!(obj["type"].as_str(), Some("net"));
+    let binary = obj["binary"].as_str().expect("binary is a string");
+    assert!(binary.starts_with('/'), "an absolute path: {binary}");
+    assert!(
+        binary.ends_with("/vhost-packet"),
+        "names the binary: {binary}"
+    );
+    // The systemd unit starts the same binary.
+    let unit = std::fs::read_to_string(qemu_dir().join("systemd/vhost-packet@.service")).unwrap();
+    assert!(unit.contains(&format!("ExecStart={binary} ")), "{unit}");
+}
+
+#[test]
+fn socket_path_fd_and_client_exclude_each_other_and_a_bad_fd_is_one_line() {
+    let dir = TempDir::new("fd");
+    let sock = dir.join("a.sock");
+    for (args, needles) in [
+        (
+            vec!["--socket-path", s(&sock), "--fd", "3"],
+            &["--socket-path", "--fd"][..],
+        ),
+        (
+            vec!["--fd", "3", "--client", s(&sock)],
+            &["--fd", "--client"][..],
+        ),
+        // run_to_exit gives it /dev/null as stdin.
+        (vec!["--fd", "0"], &["--fd 0", "not a socket"][..]),
+        (vec!["--fd", "77"], &["--fd 77", "is not open"][..]),
+        (
+            vec![],
+            &["one of --socket-path PATH, --fd N or --client PATH"][..],
+        ),
+    ] {
+        let mut full = args.clone();
+        full.extend_from_slice(&["--interface", "nosuch0"]);
+        let out = vhost_packet(&full);
+        assert_mentions(one_line_error(&out), needles);
+    }
+}
+
+#[test]
+fn follows_the_backend_program_conventions_stdio_no_daemonizing_sigterm() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpbc");
+    let dir = TempDir::new("conv");
+    let sock = dir.join("net.sock");
+    let d = Daemon::spawn_args(
+        &host,
+        &[],
+        &[],
+        &sock,
+        &[
+            "--socket-path",
+            s(&sock),
+            "--interface",
+            "vh0",
+            "--mac",
+            GUEST_MAC_STR,
+        ],
+    );
+    d.wait_for_log("listening on", T);
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // Fields 4 (ppid) and 6 (session): still our child, in our session (ip netns exec execs).
+    assert_eq!(fields[1], std::process::id().to_string(), "not daemonized");
+    // SAFETY: getsid(0) has no preconditions.
+    let our_session = unsafe { libc::getsid(0) };
+    assert_eq!(fields[3], our_session.to_string(), "no new session");
+    // stdin /dev/null, stdout /dev/null, stderr the log file: as given.
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{}/fd/{n}", d.pid())).unwrap();
+    assert_eq!(fd(0), Path::new("/dev/null"));
+    assert_eq!(fd(1), Path::new("/dev/null"));
+    assert_eq!(fd(2), sock.with_extension("log"));
+    // It serves on --socket-path.
+    let mut fe = TestFrontend::connect(&sock, T);
+    bring_up(&mut fe);
+    exchange(&mut fe, &peer_socket(&peer), peer.mac("vp0"), 1);
+    // SIGTERM while a frontend is connected: a clean exit within the bound.
+    d.signal(libc::SIGTERM);
+    let deadline = Instant::now() + T;
+    while d.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "still running {T:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(!sock.exists(), "its socket is removed");
+}
