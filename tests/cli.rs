@@ -882,6 +882,19 @@ fn assert_net_capabilities(json: &str) {
     assert_eq!(obj.len(), 1, "only `type` for net: {json}");
 }
 
+/// SIGTERM, then a bounded wait for the exit (the process stays a zombie for `terminate`).
+fn sigterm_and_wait_for_exit(d: &Daemon) {
+    d.signal(libc::SIGTERM);
+    let deadline = Instant::now() + T;
+    while d.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "still running {T:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn print_capabilities_prints_the_schemas_json_and_ignores_other_options() {
     for args in [
@@ -1000,16 +1013,133 @@ fn follows_the_backend_program_conventions_stdio_no_daemonizing_sigterm() {
     bring_up(&mut fe);
     exchange(&mut fe, &peer_socket(&peer), peer.mac("vp0"), 1);
     // SIGTERM while a frontend is connected: a clean exit within the bound.
-    d.signal(libc::SIGTERM);
-    let deadline = Instant::now() + T;
-    while d.is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "still running {T:?} after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    sigterm_and_wait_for_exit(&d);
     let (status, log) = d.terminate();
     assert!(status.success(), "{status}:\n{log}");
     assert!(!sock.exists(), "its socket is removed");
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    if !require_root_and_tools(&["systemd-analyze"]) {
+        return;
+    }
+    // The units as installed, for instance vh0, with ExecStart pointing at this build (verify
+    // checks that the binary exists).
+    let dir = TempDir::new("units");
+    for kind in ["service", "socket"] {
+        let text =
+            std::fs::read_to_string(qemu_dir().join(format!("systemd/vhost-packet@.{kind}")))
+                .unwrap();
+        let text = text.replace("/usr/local/bin/vhost-packet", BIN);
+        std::fs::write(dir.join(&format!("vhost-packet@.{kind}")), text).unwrap();
+    }
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.args(["verify", "--man=no"])
+        .arg(dir.join("vhost-packet@vh0.service"))
+        .arg(dir.join("vhost-packet@vh0.socket"));
+    let out = run_to_exit(cmd);
+    assert!(out.status.success(), "{out:?}");
+    // Unknown or misspelt settings are only warnings: there must be none.
+    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
+}
+
+#[test]
+fn systemd_socket_activation_serves_a_frontend_through_the_inherited_socket() {
+    if !require_root_and_tools(&["ip", "systemd-socket-activate"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpsa");
+    let dir = TempDir::new("activate");
+    for (sock, fd_arg) in [
+        (dir.join("a.sock"), None),
+        (dir.join("b.sock"), Some("--fd=3")),
+    ] {
+        // systemd-socket-activate listens, and at the first connection execs vhost-packet
+        // with the socket as descriptor 3 (LISTEN_FDS=1, LISTEN_PID its own pid).
+        let mut args = vec!["--interface", "vh0", "--mac", GUEST_MAC_STR];
+        args.extend(fd_arg);
+        let d = Daemon::spawn_args(
+            &host,
+            &["systemd-socket-activate", "--listen", s(&sock)],
+            &[],
+            &sock,
+            &args,
+        );
+        let deadline = Instant::now() + T;
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "the activator does not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut fe = TestFrontend::connect(&sock, T);
+        d.wait_for_log("listening on", T);
+        assert!(
+            d.log().contains(&format!(
+                "listening on {} (inherited descriptor 3)",
+                s(&sock)
+            )),
+            "{}",
+            d.log()
+        );
+        bring_up(&mut fe);
+        let peer_sock = peer_socket(&peer);
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), 1);
+        // The same socket takes the next connection.
+        drop(fe);
+        d.wait_for_log("frontend disconnected", T);
+        let mut fe = TestFrontend::connect(&sock, T);
+        bring_up(&mut fe);
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), 2);
+        // The live counters sit next to the inherited socket.
+        let out = vhost_packet(&["stats", "--socket", s(&sock), "--json"]);
+        assert!(out.stdout.contains("\"connected\":true"), "{out:?}");
+        drop(fe);
+        sigterm_and_wait_for_exit(&d);
+        assert!(
+            sock.exists(),
+            "the socket is its owner's to remove, not ours"
+        );
+        let (status, log) = d.terminate();
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn notify_socket_gets_ready_once_serving_and_stopping_on_sigterm() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, _peer) = host_and_peer("vpnt");
+    // An abstract name (systemd writes them with a leading '@'); abstract names belong to
+    // the network namespace, so the receiver is bound inside the daemon's.
+    let name = format!("vhost-packet-notify-{}", std::process::id());
+    let receiver = host.enter_thread(|| {
+        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap()
+    });
+    receiver.set_read_timeout(Some(T)).unwrap();
+    let dir = TempDir::new("notify");
+    let sock = dir.join("n.sock");
+    let notify_socket = format!("@{name}");
+    let d = Daemon::spawn_args(
+        &host,
+        &[],
+        &[("NOTIFY_SOCKET", &notify_socket)],
+        &sock,
+        &["--socket-path", s(&sock), "--interface", "vh0"],
+    );
+    let mut buf = [0u8; 256];
+    let n = receiver
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY=1 within {T:?} ({e}):\n{}", d.log()));
+    assert_eq!(std::str::from_utf8(&buf[..n]), Ok("READY=1"));
+    // Ready means serving: the socket takes a frontend at once.
+    let mut fe = TestFrontend::connect(&sock, T);
+    fe.start(FrontendConfig::default());
+    sigterm_and_wait_for_exit(&d);
+    let n = receiver.recv(&mut buf).expect("STOPPING=1 on SIGTERM");
+    assert_eq!(std::str::from_utf8(&buf[..n]), Ok("STOPPING=1"));
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{log}");
 }
