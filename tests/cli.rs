@@ -1143,3 +1143,178 @@ fn notify_socket_gets_ready_once_serving_and_stopping_on_sigterm() {
     let (status, log) = d.terminate();
     assert!(status.success(), "{log}");
 }
+
+/// `promtool check metrics` on `text`: passes, with nothing to say.
+fn assert_promtool_passes(text: &str) {
+    use std::io::Write;
+    // promtool reads until end of input, so it cannot outlive the write.
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    let written = child.stdin.take().unwrap().write_all(text.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    written.expect("write to promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.is_empty(),
+        "promtool: {said}\n{text}"
+    );
+}
+
+/// Samples of a text exposition, `name{labels}` to value.
+fn samples(text: &str) -> std::collections::HashMap<String, u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("name{labels} value");
+            (series.to_string(), value.parse().expect("an integer value"))
+        })
+        .collect()
+}
+
+/// `curl` inside `ns`: the body of `url`, or the failure.
+fn curl(ns: &NetNs, url: &str) -> Result<String, String> {
+    let out = ns.exec(&[
+        "curl",
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--max-time",
+        "4",
+        url,
+    ]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn prometheus_metrics_pass_promtool_match_stats_json_and_survive_idle_and_garbage_clients() {
+    use std::io::Write;
+    if !require_root_and_tools(&["ip", "promtool", "curl"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vppm");
+    let d = Daemon::start(
+        &host,
+        "vh0",
+        &["--mac", GUEST_MAC_STR, "--metrics", "127.0.0.1:9870"],
+    );
+    d.wait_for_log("serving metrics at http://127.0.0.1:9870/metrics", T);
+    let sock = s(&d.socket).to_string();
+    let url = "http://127.0.0.1:9870/metrics";
+    // Before any frontend, both forms are valid too.
+    let idle = vhost_packet(&["stats", "--socket", &sock, "--format", "prometheus"]);
+    assert!(idle.status.success(), "{idle:?}");
+    assert_promtool_passes(&idle.stdout);
+    assert_promtool_passes(&curl(&host, url).unwrap());
+
+    let mut fe = TestFrontend::connect(&d.socket, T);
+    bring_up(&mut fe);
+    let peer_sock = peer_socket(&peer);
+    for round in 0..3 {
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), round);
+    }
+    let text = vhost_packet(&["stats", "--socket", &sock, "--format", "prometheus"]).stdout;
+    assert_promtool_passes(&text);
+    let scraped = curl(&host, url).unwrap();
+    assert_promtool_passes(&scraped);
+    let json = vhost_packet(&["stats", "--socket", &sock, "--json"]).stdout;
+
+    // Every counter of `stats --json`, by the same number, in both expositions (the link is
+    // quiet, so nothing moves between the three reads).
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for exposition in [samples(&text), samples(&scraped)] {
+        let mut compared = 0;
+        for (i, pair) in v["queue_pairs"].as_array().unwrap().iter().enumerate() {
+            let labels = format!("interface=\"vh0\",queue_pair=\"{i}\"");
+            for dir in ["rx", "tx"] {
+                for (name, value) in pair[dir].as_object().unwrap() {
+                    let (series, want) = if name == "drops" {
+                        for (reason, value) in value.as_object().unwrap() {
+                            let series = format!(
+                                "vhost_packet_{dir}_drops_total{{{labels},reason=\"{reason}\"}}"
+                            );
+                            assert_eq!(
+                                exposition.get(&series),
+                                value.as_u64().as_ref(),
+                                "{series}"
+                            );
+                            compared += 1;
+                        }
+                        continue;
+                    } else {
+                        (
+                            format!("vhost_packet_{dir}_{name}_total{{{labels}}}"),
+                            value.as_u64(),
+                        )
+                    };
+                    assert_eq!(exposition.get(&series), want.as_ref(), "{series}\n{json}");
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 26, "every counter compared");
+        assert_eq!(
+            exposition.get("vhost_packet_tx_packets_total{interface=\"vh0\",queue_pair=\"0\"}"),
+            Some(&3)
+        );
+        assert_eq!(
+            exposition.get("vhost_packet_frontend_connected{interface=\"vh0\"}"),
+            Some(&1)
+        );
+        assert_eq!(
+            exposition.get(&format!(
+                "vhost_packet_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            Some(&1)
+        );
+        assert!(
+            exposition
+                .keys()
+                .any(|k| k.starts_with("vhost_packet_features_info{") && k.contains("MRG_RXBUF")),
+            "the negotiated features as an info metric"
+        );
+    }
+
+    // Clients that connect and send nothing, or half a request, or garbage, hold nothing up:
+    // scrapes and traffic go on while they stay connected.
+    let connect =
+        || host.enter_thread(|| std::net::TcpStream::connect("127.0.0.1:9870").expect("connect"));
+    let silent: Vec<_> = (0..3).map(|_| connect()).collect();
+    let mut half = connect();
+    half.write_all(b"GET /metr").unwrap();
+    let mut garbage = connect();
+    garbage
+        .write_all(b"\x00\x01\x02 not http at all\r\n\r\n")
+        .unwrap();
+    garbage.set_read_timeout(Some(T)).unwrap();
+    let mut answer = String::new();
+    let _ = garbage.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.0 400 "), "{answer:?}");
+    for round in 3..6 {
+        let body = curl(&host, url)
+            .unwrap_or_else(|e| panic!("a scrape while idle clients are connected fails: {e}"));
+        assert!(body.contains("vhost_packet_rx_packets_total{"), "{body}");
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), round);
+    }
+    assert!(
+        curl(&host, "http://127.0.0.1:9870/other")
+            .unwrap_err()
+            .contains("404"),
+        "another path is 404"
+    );
+    drop((silent, half));
+    assert!(d.is_running(), "{}", d.log());
+}
