@@ -1046,7 +1046,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
 
 #[test]
 fn systemd_socket_activation_serves_a_frontend_through_the_inherited_socket() {
-    if !require_root_and_tools(&["ip", "systemd-socket-activate"]) {
+    if !require_root_and_tools(&["ip", "systemd-socket-activate", "setpriv"]) {
         return;
     }
     let (host, peer) = host_and_peer("vpsa");
@@ -1056,12 +1056,20 @@ fn systemd_socket_activation_serves_a_frontend_through_the_inherited_socket() {
         (dir.join("b.sock"), Some("--fd=3")),
     ] {
         // systemd-socket-activate listens, and at the first connection execs vhost-packet
-        // with the socket as descriptor 3 (LISTEN_FDS=1, LISTEN_PID its own pid).
+        // with the socket as descriptor 3 (LISTEN_FDS=1, LISTEN_PID its own pid). Under the
+        // unit's capability bounding set: root's uid, CAP_NET_RAW only.
         let mut args = vec!["--interface", "vh0", "--mac", GUEST_MAC_STR];
         args.extend(fd_arg);
         let d = Daemon::spawn_args(
             &host,
-            &["systemd-socket-activate", "--listen", s(&sock)],
+            &[
+                "setpriv",
+                "--bounding-set=-all,+net_raw",
+                "--no-new-privs",
+                "systemd-socket-activate",
+                "--listen",
+                s(&sock),
+            ],
             &[],
             &sock,
             &args,
@@ -1081,6 +1089,8 @@ fn systemd_socket_activation_serves_a_frontend_through_the_inherited_socket() {
             "{}",
             d.log()
         );
+        let (_, _, eff) = proc_identity(d.pid());
+        assert_eq!(eff, "0000000000002000", "CAP_NET_RAW only");
         bring_up(&mut fe);
         let peer_sock = peer_socket(&peer);
         exchange(&mut fe, &peer_sock, peer.mac("vp0"), 1);
