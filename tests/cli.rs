@@ -1328,3 +1328,24 @@ fn prometheus_metrics_pass_promtool_match_stats_json_and_survive_idle_and_garbag
     drop((silent, half));
     assert!(d.is_running(), "{}", d.log());
 }
+
+#[test]
+fn metrics_address_in_use_is_a_one_line_start_failure() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new("metrics");
+    let sock = dir.join("x.sock");
+    let out = vhost_packet(&[
+        "--socket-path",
+        s(&sock),
+        "--interface",
+        "lo",
+        "--metrics",
+        &addr,
+    ]);
+    let line = one_line_error(&out);
+    assert_mentions(line, &[&format!("serving metrics on {addr}"), "in use"]);
+    assert!(!sock.exists(), "a failed start leaves no socket file");
+    let out = vhost_packet(&["--socket-path", s(&sock), "-i", "lo", "--metrics", "9870"]);
+    assert_mentions(one_line_error(&out), &["--metrics"]);
+}
