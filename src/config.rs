@@ -397,6 +397,32 @@ mod tests {
     }
 
     #[test]
+    fn an_inherited_socket_is_an_endpoint_of_its_own_with_the_mac_of_its_path() {
+        let inherited = InheritedSocket {
+            fd: 3,
+            path: Some("/run/vhost-packet/net0.sock".into()),
+        };
+        let c = Config::validate(RawConfig {
+            socket: None,
+            inherited: Some(inherited.clone()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(c.endpoint, Endpoint::Inherited(inherited.clone()));
+        assert_eq!(
+            c.mac,
+            Config::validate(raw()).unwrap().mac,
+            "same path, same MAC"
+        );
+        let e = Config::validate(RawConfig {
+            inherited: Some(inherited),
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("exclude each other"), "{e}");
+    }
+
+    #[test]
     fn derived_mac_is_stable_and_depends_on_the_path() {
         let a = MacAddr::derived_from(b"/run/a.sock");
         assert_eq!(a, MacAddr::derived_from(b"/run/a.sock"));
