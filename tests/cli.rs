@@ -1349,3 +1349,38 @@ fn metrics_address_in_use_is_a_one_line_start_failure() {
     let out = vhost_packet(&["--socket-path", s(&sock), "-i", "lo", "--metrics", "9870"]);
     assert_mentions(one_line_error(&out), &["--metrics"]);
 }
+
+#[test]
+fn listen_fds_are_taken_only_when_listen_pid_is_ours() {
+    // For another process: ignored, so no endpoint at all.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--interface", "nosuch0"])
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1");
+    assert_mentions(
+        one_line_error(&run_to_exit(cmd)),
+        &["one of --socket-path PATH, --fd N or --client PATH"],
+    );
+    // For us (sh execs, so $$ is the daemon's pid), but descriptor 3 was never passed.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!("LISTEN_PID=$$ LISTEN_FDS=1 exec {BIN} --interface nosuch0"),
+    ]);
+    assert_mentions(
+        one_line_error(&run_to_exit(cmd)),
+        &["LISTEN_FDS", "descriptor 3 is not open"],
+    );
+    // Two sockets: vhost-packet serves one.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "LISTEN_PID=$$ LISTEN_FDS=2 exec {BIN} --interface nosuch0 3</dev/null 4</dev/null"
+        ),
+    ]);
+    assert_mentions(
+        one_line_error(&run_to_exit(cmd)),
+        &["socket activation passed 2 sockets"],
+    );
+}
