@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::activation::InheritedSocket;
 use crate::error::Error;
 
 /// How the vhost-user connection is made.
@@ -14,12 +15,26 @@ pub enum Endpoint {
     Server(PathBuf),
     /// Connect to a frontend listening on this path, retrying until it appears.
     Client(PathBuf),
+    /// Accept on a listening socket handed in (`--fd`, systemd socket activation). Its owner
+    /// made it and removes it; the `Daemon` takes over the descriptor.
+    Inherited(InheritedSocket),
 }
 
 impl Endpoint {
-    pub fn path(&self) -> &Path {
+    /// The socket's path; `None` for an inherited socket without one (abstract, unnamed).
+    pub fn path(&self) -> Option<&Path> {
         match self {
-            Endpoint::Server(p) | Endpoint::Client(p) => p,
+            Endpoint::Server(p) | Endpoint::Client(p) => Some(p),
+            Endpoint::Inherited(s) => s.path.as_deref(),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Server(p) | Endpoint::Client(p) => p.display().fmt(f),
+            Endpoint::Inherited(s) => s.fmt(f),
         }
     }
 }
@@ -143,8 +158,12 @@ impl Config {
     }
 
     /// A stable MAC derived from the socket path (see [`MacAddr::derived_from`]).
+    /// Without a path (an inherited socket), from the endpoint's description.
     pub fn derived_mac(&self) -> MacAddr {
-        MacAddr::derived_from(self.endpoint.path().as_os_str().as_encoded_bytes())
+        match self.endpoint.path() {
+            Some(p) => MacAddr::derived_from(p.as_os_str().as_encoded_bytes()),
+            None => MacAddr::derived_from(self.endpoint.to_string().as_bytes()),
+        }
     }
 }
 
@@ -189,6 +208,8 @@ pub const CPU_SETSIZE: usize = libc::CPU_SETSIZE as usize;
 pub struct RawConfig {
     pub socket: Option<PathBuf>,
     pub client: Option<PathBuf>,
+    /// `--fd N` or the socket systemd passed.
+    pub inherited: Option<InheritedSocket>,
     pub interface: String,
     pub mac: Option<String>,
     pub mtu: Option<u32>,
@@ -208,17 +229,18 @@ pub struct RawConfig {
 
 impl Config {
     pub fn validate(raw: RawConfig) -> Result<Config, Error> {
-        let endpoint = match (raw.socket, raw.client) {
-            (Some(p), None) => Endpoint::Server(p),
-            (None, Some(p)) => Endpoint::Client(p),
-            (Some(_), Some(_)) => {
+        let endpoint = match (raw.socket, raw.client, raw.inherited) {
+            (Some(p), None, None) => Endpoint::Server(p),
+            (None, Some(p), None) => Endpoint::Client(p),
+            (None, None, Some(s)) => Endpoint::Inherited(s),
+            (None, None, None) => {
                 return Err(Error::InvalidArgument(
-                    "--socket and --client exclude each other".into(),
+                    "one of --socket-path PATH, --fd N or --client PATH is required (or a socket from systemd)".into(),
                 ))
             }
-            (None, None) => {
+            _ => {
                 return Err(Error::InvalidArgument(
-                    "one of --socket PATH or --client PATH is required".into(),
+                    "--socket-path, --fd and --client exclude each other".into(),
                 ))
             }
         };
@@ -394,6 +416,32 @@ mod tests {
     }
 
     #[test]
+    fn an_inherited_socket_is_an_endpoint_of_its_own_with_the_mac_of_its_path() {
+        let inherited = InheritedSocket {
+            fd: 3,
+            path: Some("/run/vhost-packet/net0.sock".into()),
+        };
+        let c = Config::validate(RawConfig {
+            socket: None,
+            inherited: Some(inherited.clone()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(c.endpoint, Endpoint::Inherited(inherited.clone()));
+        assert_eq!(
+            c.mac,
+            Config::validate(raw()).unwrap().mac,
+            "same path, same MAC"
+        );
+        let e = Config::validate(RawConfig {
+            inherited: Some(inherited),
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("exclude each other"), "{e}");
+    }
+
+    #[test]
     fn derived_mac_is_stable_and_depends_on_the_path() {
         let a = MacAddr::derived_from(b"/run/a.sock");
         assert_eq!(a, MacAddr::derived_from(b"/run/a.sock"));
@@ -459,7 +507,7 @@ mod tests {
             ),
             (
                 Box::new(|r| r.socket = None),
-                "one of --socket PATH or --client PATH",
+                "one of --socket-path PATH, --fd N or --client PATH",
             ),
             (
                 Box::new(|r| r.client = Some("/x".into())),

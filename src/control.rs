@@ -35,7 +35,38 @@ pub struct Snapshot {
     pub enabled: Vec<(bool, bool)>,
 }
 
+/// What `vhost-packet stats` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    /// Prometheus text exposition (for node_exporter's textfile collector).
+    Prometheus,
+}
+
+impl Format {
+    /// The request line on the control socket.
+    fn request(self) -> &'static [u8] {
+        match self {
+            Format::Table => b"table\n",
+            Format::Json => b"json\n",
+            Format::Prometheus => b"prometheus\n",
+        }
+    }
+}
+
 impl Snapshot {
+    /// The counters and state of `backend` now.
+    pub fn take(backend: &NetBackend, interface: &str) -> Snapshot {
+        Snapshot {
+            interface: interface.to_owned(),
+            guest_mac: backend.guest_mac().map(|m| m.to_string()),
+            acked_features: Some(backend.acked_features()).filter(|&f| f != 0),
+            pairs: backend.stats(),
+            enabled: backend.rings_enabled(),
+        }
+    }
+
     fn enabled(&self, pair: usize) -> (bool, bool) {
         self.enabled.get(pair).copied().unwrap_or_default()
     }
@@ -189,13 +220,7 @@ pub fn serve(listener: UnixListener, backend: NetBackend, interface: String) {
     let spawned = thread::Builder::new().name("stats".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            let snapshot = Snapshot {
-                interface: interface.clone(),
-                guest_mac: backend.guest_mac().map(|m| m.to_string()),
-                acked_features: Some(backend.acked_features()).filter(|&f| f != 0),
-                pairs: backend.stats(),
-                enabled: backend.rings_enabled(),
-            };
+            let snapshot = Snapshot::take(&backend, &interface);
             if let Err(e) = answer(conn, &snapshot) {
                 log::debug!("stats request: {e}");
             }
@@ -214,18 +239,19 @@ fn answer(conn: UnixStream, snapshot: &Snapshot) -> io::Result<()> {
     BufReader::new(&conn).take(64).read_line(&mut request)?;
     let body = match request.trim() {
         "table" => snapshot.to_table(),
+        "prometheus" => crate::metrics::render(snapshot),
         _ => snapshot.to_json(),
     };
     (&conn).write_all(body.as_bytes())
 }
 
 /// The client side: asks the daemon serving `vhost_socket` for its counters.
-pub fn query(vhost_socket: &Path, json: bool) -> io::Result<String> {
+pub fn query(vhost_socket: &Path, format: Format) -> io::Result<String> {
     let path = control_path(vhost_socket);
     let mut conn = UnixStream::connect(&path)
         .map_err(|e| io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display())))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.write_all(if json { b"json\n" } else { b"table\n" })?;
+    conn.write_all(format.request())?;
     let mut out = String::new();
     conn.read_to_string(&mut out)?;
     Ok(out)

@@ -186,10 +186,21 @@ impl Daemon {
         let listener = match &config.endpoint {
             Endpoint::Server(path) => Some(bind_socket(path, &config, user.as_ref(), socket_gid)?),
             Endpoint::Client(_) => None,
+            Endpoint::Inherited(s) => {
+                // SAFETY: main made this endpoint from a descriptor nothing else owns, and
+                // only this one Daemon is made from its configuration.
+                let listener = unsafe { s.clone().into_listener() };
+                Some(listener.map_err(Error::Internal)?)
+            }
         };
-        let stats_path = control::control_path(config.endpoint.path());
-        let stats = prepare_socket_path(&stats_path)
-            .and_then(|()| bind_socket(&stats_path, &config, user.as_ref(), socket_gid));
+        let stats = match config.endpoint.path().map(control::control_path) {
+            Some(stats_path) => prepare_socket_path(&stats_path)
+                .and_then(|()| bind_socket(&stats_path, &config, user.as_ref(), socket_gid)),
+            None => Err(Error::InvalidArgument(format!(
+                "{} has no path to put the stats socket next to",
+                config.endpoint
+            ))),
+        };
         let stats = match stats {
             Ok(l) => Some(l),
             Err(e) => {
@@ -244,8 +255,8 @@ impl Daemon {
         if let Endpoint::Server(p) = &self.config.endpoint {
             paths.push(p.clone());
         }
-        if self.stats.is_some() {
-            paths.push(control::control_path(self.config.endpoint.path()));
+        if let (true, Some(p)) = (self.stats.is_some(), self.config.endpoint.path()) {
+            paths.push(control::control_path(p));
         }
         paths.push(self.internal.path().to_path_buf());
         paths.push(self.internal.dir().to_path_buf());
@@ -278,8 +289,9 @@ impl Daemon {
 
     fn serve_forever(mut self) -> Result<(), Error> {
         match self.config.endpoint.clone() {
-            Endpoint::Server(path) => {
-                info!("listening on {}", path.display());
+            Endpoint::Server(_) | Endpoint::Inherited(_) => {
+                let path = self.config.endpoint.to_string();
+                info!("listening on {path}");
                 loop {
                     let accepted = self
                         .listener
@@ -289,7 +301,7 @@ impl Daemon {
                     match accepted {
                         Ok((stream, _)) => self.serve(stream)?,
                         Err(e) => {
-                            warn!("accepting on {}: {e}", path.display());
+                            warn!("accepting on {path}: {e}");
                             // Do not spin on a persistent error.
                             thread::sleep(CLIENT_RETRY);
                         }

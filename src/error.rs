@@ -48,6 +48,13 @@ pub enum Error {
     /// The interface was deleted (or moved to another namespace): the packet sockets are
     /// unhooked for good, and only a new process can open new ones.
     InterfaceGone { interface: String, ifindex: u32 },
+    /// The socket handed in (`--fd`, systemd) is not one we can serve; the message says why.
+    Inherited(String),
+    /// `--metrics ADDR:PORT` could not be bound or served.
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for Error {
@@ -84,6 +91,8 @@ impl fmt::Display for Error {
                 f,
                 "interface {interface} disappeared (ifindex {ifindex}): exiting so the service manager restarts it"
             ),
+            Error::Inherited(why) => f.write_str(why),
+            Error::Metrics { addr, source } => write!(f, "serving metrics on {addr}: {source}"),
         }
     }
 }
@@ -99,6 +108,7 @@ impl std::error::Error for Error {
             Error::WatchInterface { source, .. } => Some(source),
             Error::Thread { source, .. } => Some(source),
             Error::Privileges(e) => Some(e),
+            Error::Metrics { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -3,6 +3,7 @@
 //!
 //! See docs/architecture.md for the threads and the life of one RX and one TX packet.
 
+pub mod activation;
 pub mod affinity;
 pub mod backend;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod error;
+pub mod metrics;
 pub mod packet;
 pub mod privileges;
 pub mod relay;

@@ -1,11 +1,17 @@
 //! Command line, logging and signals; everything else lives in the library.
 
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
+
+use vhost_packet::activation::{self, InheritedSocket};
+use vhost_packet::control::{Format, Snapshot};
+use vhost_packet::metrics;
 
 use vhost_packet::config::{
     parse_cpu_list, Config, RawConfig, MAX_BUSY_POLL_US, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
@@ -31,14 +37,30 @@ struct Cli {
     command: Option<Command>,
 
     /// Listen on this vhost-user UNIX socket (server mode); the frontend connects to it.
-    /// Reconnections are accepted forever.
+    /// Reconnections are accepted forever. `--socket` is the same option.
     #[arg(
-        long,
+        long = "socket-path",
+        visible_alias = "socket",
         value_name = "PATH",
-        required_unless_present = "client",
-        conflicts_with = "client"
+        conflicts_with_all = ["client", "fd"]
     )]
-    socket: Option<PathBuf>,
+    socket_path: Option<PathBuf>,
+
+    /// Serve the listening vhost-user socket inherited as this file descriptor (the caller
+    /// made it and removes it). Without --socket-path, --fd or --client, a socket passed by
+    /// systemd socket activation (LISTEN_FDS) is served.
+    #[arg(long, value_name = "FDNUM", conflicts_with = "client")]
+    fd: Option<i32>,
+
+    /// Print the backend's capabilities as JSON (QEMU's vhost-user.json schema, type "net")
+    /// and exit; every other option is ignored.
+    #[arg(long)]
+    print_capabilities: bool,
+
+    /// Serve the counters at http://ADDR:PORT/metrics in Prometheus text format (off by
+    /// default; e.g. 127.0.0.1:9870).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
 
     /// Connect to a frontend listening on this socket (QEMU `server=on`), retrying until it
     /// appears and again after each disconnect.
@@ -132,12 +154,31 @@ enum Command {
     /// drops by reason, notifications, kicks).
     Stats {
         /// The vhost-user socket (or --client path) the daemon serves.
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
         socket: PathBuf,
-        /// JSON instead of a table.
-        #[arg(long)]
+        /// JSON instead of a table (`--format json`).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// Output format; `prometheus` is the text exposition node_exporter's textfile
+        /// collector reads.
+        #[arg(long, value_enum, default_value = "table")]
+        format: StatsFormat,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum StatsFormat {
+    Table,
+    Json,
+    Prometheus,
+}
+
+/// What `--print-capabilities` prints: `VHostUserBackendCapabilities` of QEMU's
+/// docs/interop/vhost-user.json, whose `net` type has no members beyond `type`.
+#[derive(serde::Serialize)]
+struct Capabilities {
+    #[serde(rename = "type")]
+    kind: &'static str,
 }
 
 /// A parsed `--cpu-affinity` (a newtype: clap would take a bare `Vec` for a repeated option).
@@ -149,6 +190,25 @@ fn cpu_list(s: &str) -> Result<CpuList, String> {
 }
 
 fn main() -> ExitCode {
+    // The backend program conventions: other options are ignored, even invalid ones.
+    if std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--print-capabilities")
+    {
+        let caps = Capabilities { kind: "net" };
+        return match serde_json::to_string_pretty(&caps) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vhost-packet: printing capabilities: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Before any thread exists: this removes LISTEN_* from the environment.
+    let activated = activation::listen_fds();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -183,8 +243,18 @@ fn main() -> ExitCode {
         .parse_env("VHOST_PACKET_LOG")
         .init();
 
-    if let Some(Command::Stats { socket, json }) = &cli.command {
-        return match vhost_packet::control::query(socket, *json) {
+    if let Some(Command::Stats {
+        socket,
+        json,
+        format,
+    }) = &cli.command
+    {
+        let format = match (json, format) {
+            (true, _) | (false, StatsFormat::Json) => Format::Json,
+            (false, StatsFormat::Table) => Format::Table,
+            (false, StatsFormat::Prometheus) => Format::Prometheus,
+        };
+        return match vhost_packet::control::query(socket, format) {
             Ok(out) => {
                 print!("{out}");
                 ExitCode::SUCCESS
@@ -195,7 +265,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    match run(cli) {
+    let result = run(cli, activated);
+    notify("STOPPING=1");
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vhost-packet: {e}");
@@ -204,12 +276,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
+/// Tells systemd (NOTIFY_SOCKET) about a state change; a failure is only worth a warning.
+fn notify(state: &str) {
+    if let Err(e) = activation::notify(state) {
+        warn!("telling the service manager {state}: {e}");
+    }
+}
+
+/// The listening socket handed in: `--fd N`, else the one systemd passed when no other
+/// endpoint is given.
+fn inherited(
+    cli: &Cli,
+    activated: Result<Vec<RawFd>, String>,
+) -> Result<Option<InheritedSocket>, vhost_packet::Error> {
+    use vhost_packet::Error::Inherited;
+    if let Some(fd) = cli.fd {
+        return InheritedSocket::inspect(fd, &format!("--fd {fd}"))
+            .map(Some)
+            .map_err(Inherited);
+    }
+    let fds = activated.map_err(Inherited)?;
+    if cli.socket_path.is_some() || cli.client.is_some() {
+        return Ok(None);
+    }
+    match fds[..] {
+        [] => Ok(None),
+        [fd] => InheritedSocket::inspect(fd, "socket activation (LISTEN_FDS)")
+            .map(Some)
+            .map_err(Inherited),
+        _ => Err(Inherited(format!(
+            "socket activation passed {} sockets; vhost-packet serves one",
+            fds.len()
+        ))),
+    }
+}
+
+fn run(cli: Cli, activated: Result<Vec<RawFd>, String>) -> Result<(), vhost_packet::Error> {
     // Before any thread exists, so that all of them inherit the mask.
     signals::block().map_err(vhost_packet::Error::Signals)?;
+    let inherited = inherited(&cli, activated)?;
+    // Bound before privileges are dropped (Daemon::new), so a low port works as root.
+    let metrics = cli
+        .metrics
+        .map(|addr| {
+            TcpListener::bind(addr)
+                .map(|l| (addr, l))
+                .map_err(|source| vhost_packet::Error::Metrics { addr, source })
+        })
+        .transpose()?;
     let config = Config::validate(RawConfig {
-        socket: cli.socket,
+        socket: cli.socket_path,
         client: cli.client,
+        inherited,
         interface: cli.interface.unwrap_or_default(),
         mac: cli.mac,
         mtu: cli.mtu,
@@ -225,7 +343,14 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
         user: cli.user,
         legacy_vnet_header: cli.vnet_hdr == "10",
     })?;
+    let interface = config.interface.clone();
     let daemon = Daemon::new(config)?;
+    if let Some((addr, listener)) = metrics {
+        let backend = daemon.backend().clone();
+        metrics::serve(listener, move || Snapshot::take(&backend, &interface))
+            .map_err(|source| vhost_packet::Error::Metrics { addr, source })?;
+        info!("serving metrics at http://{addr}/metrics");
+    }
 
     let backend = daemon.backend().clone();
     let cleanup = daemon.paths_to_remove();
@@ -239,6 +364,7 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
                     backend.log_stats("exit");
                     remove_paths(&cleanup);
                     info!("exiting on signal");
+                    notify("STOPPING=1");
                     std::process::exit(0);
                 }
                 Err(e) => {
@@ -249,10 +375,13 @@ fn run(cli: Cli) -> Result<(), vhost_packet::Error> {
         })
         .map_err(vhost_packet::Error::Signals)?;
 
+    // Everything is open and the socket listens: connections are taken from here on.
+    notify("READY=1");
     // Returns only on an error (the interface disappeared, ...): main prints it and exits
     // non-zero, so that a service manager restarts the daemon.
     let result = daemon.run();
     remove_paths(&on_error);
+    notify("STOPPING=1");
     result
 }
 

@@ -859,3 +859,532 @@ fn stats_command_reads_live_counters() {
         "the stats socket is removed at exit"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. QEMU's backend program conventions (docs/interop/vhost-user.rst), systemd, Prometheus
+
+/// The repository's `qemu/` directory.
+fn qemu_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
+}
+
+/// Checks a `VHostUserBackendCapabilities` for type `net`: `type` and nothing else (the
+/// schema's union has no members for `net`).
+fn assert_net_capabilities(json: &str) {
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json:?}"));
+    let obj = v.as_object().expect("a JSON object");
+    assert_eq!(
+        obj.get("type").and_then(|t| t.as_str()),
+        Some("net"),
+        "{json}"
+    );
+    assert_eq!(obj.len(), 1, "only `type` for net: {json}");
+}
+
+/// SIGTERM, then a bounded wait for the exit (the process stays a zombie for `terminate`).
+fn sigterm_and_wait_for_exit(d: &Daemon) {
+    d.signal(libc::SIGTERM);
+    let deadline = Instant::now() + T;
+    while d.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "still running {T:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn print_capabilities_prints_the_schemas_json_and_ignores_other_options() {
+    for args in [
+        &["--print-capabilities"][..],
+        // "Other options and arguments should be ignored": even a bad one.
+        &[
+            "--interface",
+            "nosuch0",
+            "--mtu",
+            "1",
+            "--print-capabilities",
+        ][..],
+    ] {
+        let out = vhost_packet(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert_eq!(out.stderr, "", "{args:?}");
+        assert_net_capabilities(&out.stdout);
+    }
+}
+
+#[test]
+fn the_vhost_user_descriptor_carries_what_the_schema_requires() {
+    let path = qemu_dir().join("50-vhost-packet.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the descriptor is JSON");
+    let obj = v.as_object().expect("one VhostUserBackend object");
+    for key in obj.keys() {
+        assert!(
+            ["description", "type", "binary", "tags"].contains(&key.as_str()),
+            "{key} is not a VhostUserBackend member"
+        );
+    }
+    assert!(obj["description"].as_str().is_some_and(|d| !d.is_empty()));
+    assert_eq!(obj["type"].as_str(), Some("net"));
+    let binary = obj["binary"].as_str().expect("binary is a string");
+    assert!(binary.starts_with('/'), "an absolute path: {binary}");
+    assert!(
+        binary.ends_with("/vhost-packet"),
+        "names the binary: {binary}"
+    );
+    // The systemd unit starts the same binary.
+    let unit = std::fs::read_to_string(qemu_dir().join("systemd/vhost-packet@.service")).unwrap();
+    assert!(unit.contains(&format!("ExecStart={binary} ")), "{unit}");
+}
+
+#[test]
+fn socket_path_fd_and_client_exclude_each_other_and_a_bad_fd_is_one_line() {
+    let dir = TempDir::new("fd");
+    let sock = dir.join("a.sock");
+    for (args, needles) in [
+        (
+            vec!["--socket-path", s(&sock), "--fd", "3"],
+            &["--socket-path", "--fd"][..],
+        ),
+        (
+            vec!["--fd", "3", "--client", s(&sock)],
+            &["--fd", "--client"][..],
+        ),
+        // run_to_exit gives it /dev/null as stdin.
+        (vec!["--fd", "0"], &["--fd 0", "not a socket"][..]),
+        (vec!["--fd", "77"], &["--fd 77", "is not open"][..]),
+        (
+            vec![],
+            &["one of --socket-path PATH, --fd N or --client PATH"][..],
+        ),
+    ] {
+        let mut full = args.clone();
+        full.extend_from_slice(&["--interface", "nosuch0"]);
+        let out = vhost_packet(&full);
+        assert_mentions(one_line_error(&out), needles);
+    }
+}
+
+#[test]
+fn follows_the_backend_program_conventions_stdio_no_daemonizing_sigterm() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpbc");
+    let dir = TempDir::new("conv");
+    let sock = dir.join("net.sock");
+    let d = Daemon::spawn_args(
+        &host,
+        &[],
+        &[],
+        &sock,
+        &[
+            "--socket-path",
+            s(&sock),
+            "--interface",
+            "vh0",
+            "--mac",
+            GUEST_MAC_STR,
+        ],
+    );
+    d.wait_for_log("listening on", T);
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // Fields 4 (ppid) and 6 (session): still our child, in our session (ip netns exec execs).
+    assert_eq!(fields[1], std::process::id().to_string(), "not daemonized");
+    // SAFETY: getsid(0) has no preconditions.
+    let our_session = unsafe { libc::getsid(0) };
+    assert_eq!(fields[3], our_session.to_string(), "no new session");
+    // stdin /dev/null, stdout /dev/null, stderr the log file: as given.
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{}/fd/{n}", d.pid())).unwrap();
+    assert_eq!(fd(0), Path::new("/dev/null"));
+    assert_eq!(fd(1), Path::new("/dev/null"));
+    assert_eq!(fd(2), sock.with_extension("log"));
+    // It serves on --socket-path.
+    let mut fe = TestFrontend::connect(&sock, T);
+    bring_up(&mut fe);
+    exchange(&mut fe, &peer_socket(&peer), peer.mac("vp0"), 1);
+    // SIGTERM while a frontend is connected: a clean exit within the bound.
+    sigterm_and_wait_for_exit(&d);
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(!sock.exists(), "its socket is removed");
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    if !require_root_and_tools(&["systemd-analyze"]) {
+        return;
+    }
+    // The units as installed, for instance vh0, with ExecStart pointing at this build (verify
+    // checks that the binary exists).
+    let dir = TempDir::new("units");
+    for kind in ["service", "socket"] {
+        let text =
+            std::fs::read_to_string(qemu_dir().join(format!("systemd/vhost-packet@.{kind}")))
+                .unwrap();
+        let text = text.replace("/usr/local/bin/vhost-packet", BIN);
+        std::fs::write(dir.join(&format!("vhost-packet@.{kind}")), text).unwrap();
+    }
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.args(["verify", "--man=no"])
+        .arg(dir.join("vhost-packet@vh0.service"))
+        .arg(dir.join("vhost-packet@vh0.socket"));
+    let out = run_to_exit(cmd);
+    assert!(out.status.success(), "{out:?}");
+    // Unknown or misspelt settings are only warnings: there must be none.
+    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
+}
+
+#[test]
+fn systemd_socket_activation_serves_a_frontend_through_the_inherited_socket() {
+    if !require_root_and_tools(&["ip", "systemd-socket-activate", "setpriv"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpsa");
+    let dir = TempDir::new("activate");
+    for (sock, fd_arg) in [
+        (dir.join("a.sock"), None),
+        (dir.join("b.sock"), Some("--fd=3")),
+    ] {
+        // systemd-socket-activate listens, and at the first connection execs vhost-packet
+        // with the socket as descriptor 3 (LISTEN_FDS=1, LISTEN_PID its own pid). Under the
+        // unit's capability bounding set: root's uid, CAP_NET_RAW only.
+        let mut args = vec!["--interface", "vh0", "--mac", GUEST_MAC_STR];
+        args.extend(fd_arg);
+        let d = Daemon::spawn_args(
+            &host,
+            &[
+                "setpriv",
+                "--bounding-set=-all,+net_raw",
+                "--no-new-privs",
+                "systemd-socket-activate",
+                "--listen",
+                s(&sock),
+            ],
+            &[],
+            &sock,
+            &args,
+        );
+        let deadline = Instant::now() + T;
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "the activator does not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut fe = TestFrontend::connect(&sock, T);
+        d.wait_for_log("listening on", T);
+        assert!(
+            d.log().contains(&format!(
+                "listening on {} (inherited descriptor 3)",
+                s(&sock)
+            )),
+            "{}",
+            d.log()
+        );
+        let (_, _, eff) = proc_identity(d.pid());
+        assert_eq!(eff, "0000000000002000", "CAP_NET_RAW only");
+        bring_up(&mut fe);
+        let peer_sock = peer_socket(&peer);
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), 1);
+        // The same socket takes the next connection.
+        drop(fe);
+        d.wait_for_log("frontend disconnected", T);
+        let mut fe = TestFrontend::connect(&sock, T);
+        bring_up(&mut fe);
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), 2);
+        // The live counters sit next to the inherited socket.
+        let out = vhost_packet(&["stats", "--socket", s(&sock), "--json"]);
+        assert!(out.stdout.contains("\"connected\":true"), "{out:?}");
+        drop(fe);
+        sigterm_and_wait_for_exit(&d);
+        assert!(
+            sock.exists(),
+            "the socket is its owner's to remove, not ours"
+        );
+        let (status, log) = d.terminate();
+        assert!(status.success(), "{log}");
+    }
+}
+
+#[test]
+fn notify_socket_gets_ready_once_serving_and_stopping_on_sigterm() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let (host, _peer) = host_and_peer("vpnt");
+    // An abstract name (systemd writes them with a leading '@'); abstract names belong to
+    // the network namespace, so the receiver is bound inside the daemon's.
+    let name = format!("vhost-packet-notify-{}", std::process::id());
+    let receiver = host.enter_thread(|| {
+        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap()
+    });
+    receiver.set_read_timeout(Some(T)).unwrap();
+    let dir = TempDir::new("notify");
+    let sock = dir.join("n.sock");
+    let notify_socket = format!("@{name}");
+    let d = Daemon::spawn_args(
+        &host,
+        &[],
+        &[("NOTIFY_SOCKET", &notify_socket)],
+        &sock,
+        &["--socket-path", s(&sock), "--interface", "vh0"],
+    );
+    let mut buf = [0u8; 256];
+    let n = receiver
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY=1 within {T:?} ({e}):\n{}", d.log()));
+    assert_eq!(std::str::from_utf8(&buf[..n]), Ok("READY=1"));
+    // Ready means serving: the socket takes a frontend at once.
+    let mut fe = TestFrontend::connect(&sock, T);
+    fe.start(FrontendConfig::default());
+    sigterm_and_wait_for_exit(&d);
+    let n = receiver.recv(&mut buf).expect("STOPPING=1 on SIGTERM");
+    assert_eq!(std::str::from_utf8(&buf[..n]), Ok("STOPPING=1"));
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// `promtool check metrics` on `text`: passes, with nothing to say.
+fn assert_promtool_passes(text: &str) {
+    use std::io::Write;
+    // promtool reads until end of input, so it cannot outlive the write.
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    let written = child.stdin.take().unwrap().write_all(text.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    written.expect("write to promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.is_empty(),
+        "promtool: {said}\n{text}"
+    );
+}
+
+/// Samples of a text exposition, `name{labels}` to value.
+fn samples(text: &str) -> std::collections::HashMap<String, u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("name{labels} value");
+            (series.to_string(), value.parse().expect("an integer value"))
+        })
+        .collect()
+}
+
+/// `curl` inside `ns`: the body of `url`, or the failure.
+fn curl(ns: &NetNs, url: &str) -> Result<String, String> {
+    let out = ns.exec(&[
+        "curl",
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--max-time",
+        "4",
+        url,
+    ]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn prometheus_metrics_pass_promtool_match_stats_json_and_survive_idle_and_garbage_clients() {
+    use std::io::Write;
+    if !require_root_and_tools(&["ip", "promtool", "curl"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vppm");
+    let d = Daemon::start(
+        &host,
+        "vh0",
+        &["--mac", GUEST_MAC_STR, "--metrics", "127.0.0.1:9870"],
+    );
+    d.wait_for_log("serving metrics at http://127.0.0.1:9870/metrics", T);
+    let sock = s(&d.socket).to_string();
+    let url = "http://127.0.0.1:9870/metrics";
+    // Before any frontend, both forms are valid too.
+    let idle = vhost_packet(&["stats", "--socket", &sock, "--format", "prometheus"]);
+    assert!(idle.status.success(), "{idle:?}");
+    assert_promtool_passes(&idle.stdout);
+    assert_promtool_passes(&curl(&host, url).unwrap());
+
+    let mut fe = TestFrontend::connect(&d.socket, T);
+    bring_up(&mut fe);
+    let peer_sock = peer_socket(&peer);
+    for round in 0..3 {
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), round);
+    }
+    let text = vhost_packet(&["stats", "--socket", &sock, "--format", "prometheus"]).stdout;
+    assert_promtool_passes(&text);
+    let scraped = curl(&host, url).unwrap();
+    assert_promtool_passes(&scraped);
+    let json = vhost_packet(&["stats", "--socket", &sock, "--json"]).stdout;
+
+    // Every counter of `stats --json`, by the same number, in both expositions (the link is
+    // quiet, so nothing moves between the three reads).
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for exposition in [samples(&text), samples(&scraped)] {
+        let mut compared = 0;
+        for (i, pair) in v["queue_pairs"].as_array().unwrap().iter().enumerate() {
+            let labels = format!("interface=\"vh0\",queue_pair=\"{i}\"");
+            for dir in ["rx", "tx"] {
+                for (name, value) in pair[dir].as_object().unwrap() {
+                    let (series, want) = if name == "drops" {
+                        for (reason, value) in value.as_object().unwrap() {
+                            let series = format!(
+                                "vhost_packet_{dir}_drops_total{{{labels},reason=\"{reason}\"}}"
+                            );
+                            assert_eq!(
+                                exposition.get(&series),
+                                value.as_u64().as_ref(),
+                                "{series}"
+                            );
+                            compared += 1;
+                        }
+                        continue;
+                    } else {
+                        (
+                            format!("vhost_packet_{dir}_{name}_total{{{labels}}}"),
+                            value.as_u64(),
+                        )
+                    };
+                    assert_eq!(exposition.get(&series), want.as_ref(), "{series}\n{json}");
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(
+            compared,
+            vhost_packet::stats::PairStats::default().counters().len(),
+            "every counter compared"
+        );
+        assert_eq!(
+            exposition.get("vhost_packet_tx_packets_total{interface=\"vh0\",queue_pair=\"0\"}"),
+            Some(&3)
+        );
+        assert_eq!(
+            exposition.get("vhost_packet_frontend_connected{interface=\"vh0\"}"),
+            Some(&1)
+        );
+        assert_eq!(
+            exposition.get(&format!(
+                "vhost_packet_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            Some(&1)
+        );
+        assert!(
+            exposition
+                .keys()
+                .any(|k| k.starts_with("vhost_packet_features_info{") && k.contains("MRG_RXBUF")),
+            "the negotiated features as an info metric"
+        );
+    }
+
+    // Clients that connect and send nothing, or half a request, or garbage, hold nothing up:
+    // scrapes and traffic go on while they stay connected.
+    let connect =
+        || host.enter_thread(|| std::net::TcpStream::connect("127.0.0.1:9870").expect("connect"));
+    let silent: Vec<_> = (0..3).map(|_| connect()).collect();
+    let mut half = connect();
+    half.write_all(b"GET /metr").unwrap();
+    let mut garbage = connect();
+    garbage
+        .write_all(b"\x00\x01\x02 not http at all\r\n\r\n")
+        .unwrap();
+    garbage.set_read_timeout(Some(T)).unwrap();
+    let mut answer = String::new();
+    let _ = garbage.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.0 400 "), "{answer:?}");
+    for round in 3..6 {
+        let body = curl(&host, url)
+            .unwrap_or_else(|e| panic!("a scrape while idle clients are connected fails: {e}"));
+        assert!(body.contains("vhost_packet_rx_packets_total{"), "{body}");
+        exchange(&mut fe, &peer_sock, peer.mac("vp0"), round);
+    }
+    assert!(
+        curl(&host, "http://127.0.0.1:9870/other")
+            .unwrap_err()
+            .contains("404"),
+        "another path is 404"
+    );
+    drop((silent, half));
+    assert!(d.is_running(), "{}", d.log());
+}
+
+#[test]
+fn metrics_address_in_use_is_a_one_line_start_failure() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new("metrics");
+    let sock = dir.join("x.sock");
+    let out = vhost_packet(&[
+        "--socket-path",
+        s(&sock),
+        "--interface",
+        "lo",
+        "--metrics",
+        &addr,
+    ]);
+    let line = one_line_error(&out);
+    assert_mentions(line, &[&format!("serving metrics on {addr}"), "in use"]);
+    assert!(!sock.exists(), "a failed start leaves no socket file");
+    let out = vhost_packet(&["--socket-path", s(&sock), "-i", "lo", "--metrics", "9870"]);
+    assert_mentions(one_line_error(&out), &["--metrics"]);
+}
+
+#[test]
+fn listen_fds_are_taken_only_when_listen_pid_is_ours() {
+    // For another process: ignored, so no endpoint at all.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--interface", "nosuch0"])
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1");
+    assert_mentions(
+        one_line_error(&run_to_exit(cmd)),
+        &["one of --socket-path PATH, --fd N or --client PATH"],
+    );
+    // For us (sh execs, so $$ is the daemon's pid), but descriptor 3 was never passed.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!("LISTEN_PID=$$ LISTEN_FDS=1 exec {BIN} --interface nosuch0"),
+    ]);
+    assert_mentions(
+        one_line_error(&run_to_exit(cmd)),
+        &["LISTEN_FDS", "descriptor 3 is not open"],
+    );
+    // Two sockets: vhost-packet serves one.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "LISTEN_PID=$$ LISTEN_FDS=2 exec {BIN} --interface nosuch0 3</dev/null 4</dev/null"
+        ),
+    ]);
+    assert_mentions(
+        one_line_error(&run_to_exit(cmd)),
+        &["socket activation passed 2 sockets"],
+    );
+}

@@ -1768,7 +1768,7 @@ fn an_mtu_change_is_logged_its_drops_counted_and_the_next_guest_offered_it() {
 
 /// The guest's MAC as `vhost-packet stats` reports it (JSON; `null` while learning).
 fn reported_mac(rig: &Rig) -> String {
-    let json = vhost_packet::control::query(&rig.daemon.socket, true).expect("stats socket");
+    let json = rig.daemon.stats_json();
     let at = json.find("\"guest_mac\":").expect("guest_mac in the stats") + 12;
     json[at..]
         .split(',')

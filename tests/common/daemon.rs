@@ -67,6 +67,37 @@ impl Daemon {
         d
     }
 
+    /// Runs `wrapper... vhost-packet args...` in `ns` with `env` added, exactly as given (no
+    /// socket option of its own), without waiting (a socket activator starts it only at the
+    /// first connection). `socket` is the vhost-user socket it serves (removed on drop with its
+    /// `.stats` socket).
+    pub fn spawn_args(
+        ns: &NetNs,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+        socket: &Path,
+        args: &[&str],
+    ) -> Daemon {
+        let log = socket.with_extension("log");
+        let mut full = wrapper.to_vec();
+        full.push(env!("CARGO_BIN_EXE_vhost-packet"));
+        full.extend_from_slice(args);
+        let mut cmd = ns.command(&full);
+        cmd.envs(env.iter().copied());
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create daemon log"))
+            .spawn()
+            .expect("spawn vhost-packet");
+        Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+            pairs: 1,
+        }
+    }
+
     fn spawn(ns: &NetNs, mode: &str, iface: &str, socket: &Path, extra: &[&str]) -> Daemon {
         Daemon::spawn_wrapped(ns, &[], mode, iface, socket, extra)
     }
