@@ -1714,3 +1714,81 @@ fn rx_frame_too_big_for_the_buffer_leaves_no_trace_in_it() {
         .expect("the small frame arrives");
     assert_eq!(got, small);
 }
+
+// ---------------------------------------------------------------------------------------------
+// TX: what the backend decides on must be what the kernel sends, a bad avail entry amid chains
+// held back by a full socket, and GSO frames cut into tiny segments
+// ---------------------------------------------------------------------------------------------
+
+/// A 60000-byte TCPv4 TSO frame to the peer (gso_size `gso_size`, partial checksum), with the
+/// guest's virtio header, its destination MAC `dst`.
+fn tso_frame(fe: &TestFrontend, dst: [u8; 6], gso_size: u16, seed: u32) -> (Vec<u8>, Vec<u8>) {
+    let (frame, csum_start, hdr_len) =
+        partial_csum_frame((dst, GUEST_MAC), L3::V4, 6, TCP_ACK, &pattern(60000, seed));
+    let h = vnet_header(
+        vhdr::F_NEEDS_CSUM,
+        vhdr::GSO_TCPV4,
+        hdr_len,
+        gso_size,
+        csum_start,
+        16,
+        0,
+        fe.header_len(),
+    );
+    (h, frame)
+}
+
+/// The least `gso_size` the daemon takes for TCP (datapath/offload.rs, docs/offloads.md).
+const MIN_TCP_GSO_SIZE: u16 = 8;
+
+#[test]
+fn tx_tso_frame_with_gso_size_1_is_refused() {
+    // A 60000-byte TSO frame with gso_size 1 would be cut into 60000 segments by the host
+    // (software GSO here: vh0 has TSO off). Refused and counted; one at the bound goes out.
+    let Some(rig) = rig() else { return };
+    rig.host.ethtool_k("vh0", &[("tso", "off")]);
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let pid = rig.daemon.pid();
+    // Not the peer's MAC: the peer's stack counts and ignores the segments.
+    let other = [0x02, 0, 0, 0, 0, 0x99];
+    // Segments the veth took, whether the peer's backlog kept them or dropped them.
+    let rx_packets =
+        || rig.peer.link_counter("vp0", "rx_packets") + rig.peer.link_counter("vp0", "rx_dropped");
+
+    let before = rig.daemon.stats();
+    let peer_before = rx_packets();
+    let (h, f) = tso_frame(&fe, other, 1, 1);
+    send_frame(&mut fe, &h, &f);
+    // The peer's count settles once software GSO is done with whatever went out.
+    let marker = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, b"MARKER-gso-1");
+    let cap = peer_socket(&rig);
+    let ph = plain_header(&fe);
+    send_frame(&mut fe, &ph, &marker);
+    capture(&cap, |g| g == &marker[..]).expect("the marker reaches the peer");
+    let segments = rx_packets() - peer_before - 1;
+    let d = delta(&before, &rig.daemon.stats());
+    eprintln!("TSO frame with gso_size 1: {segments} frames at the peer, counters moved {d:?}");
+    assert_eq!(
+        d,
+        BTreeMap::from([
+            ("tx.drops.malformed".to_string(), 1),
+            ("tx.packets".to_string(), 1),
+            ("tx.bytes".to_string(), marker.len() as i64),
+        ]),
+        "refused as malformed (only the marker sent); {segments} frames reached the peer"
+    );
+    assert!(segments < 64, "{segments} segments reached the peer");
+
+    // At the bound it goes through (as 7500 segments).
+    let before = rig.daemon.stats();
+    let (h, f) = tso_frame(&fe, other, MIN_TCP_GSO_SIZE, 2);
+    send_frame(&mut fe, &h, &f);
+    let d = delta(&before, &rig.daemon.stats());
+    assert_eq!(
+        d.get("tx.gso"),
+        Some(&1),
+        "gso_size {MIN_TCP_GSO_SIZE} passes: {d:?}"
+    );
+    assert_eq!(d.get("tx.drops.malformed"), None, "{d:?}");
+    still_serving(&rig, &mut fe, pid, "gso_size 1");
+}
