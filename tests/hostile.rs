@@ -1720,6 +1720,18 @@ fn rx_frame_too_big_for_the_buffer_leaves_no_trace_in_it() {
 // held back by a full socket, and GSO frames cut into tiny segments
 // ---------------------------------------------------------------------------------------------
 
+/// `tc qdisc OP dev vh0 root ARGS...` in the host namespace; panics on failure.
+fn host_qdisc(rig: &Rig, op: &str, args: &[&str]) {
+    let mut cmd = vec!["tc", "qdisc", op, "dev", "vh0", "root"];
+    cmd.extend_from_slice(args);
+    let out = rig.host.exec(&cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A 60000-byte TCPv4 TSO frame to the peer (gso_size `gso_size`, partial checksum), with the
 /// guest's virtio header, its destination MAC `dst`.
 fn tso_frame(fe: &TestFrontend, dst: [u8; 6], gso_size: u16, seed: u32) -> (Vec<u8>, Vec<u8>) {
@@ -1736,6 +1748,121 @@ fn tso_frame(fe: &TestFrontend, dst: [u8; 6], gso_size: u16, seed: u32) -> (Vec<
         fe.header_len(),
     );
     (h, frame)
+}
+
+/// Drops `fe` and waits until the daemon has let go of its connection.
+fn disconnect(rig: &Rig, fe: TestFrontend) {
+    let connected = rig.daemon.log().matches("frontend connected").count();
+    drop(fe);
+    let deadline = Instant::now() + T;
+    while rig
+        .daemon
+        .log()
+        .matches("connection closed: queue pair 0")
+        .count()
+        < connected
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never closed the connection\n{}",
+            log_tail(rig, 20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Posts A, an avail entry naming descriptor 300 of the 256-entry ring, and B, and kicks while
+/// the packet socket is full; returns (A, B) once the daemon has been held back by it.
+fn post_behind_a_full_socket(rig: &Rig, fe: &mut TestFrontend) -> (u16, u16) {
+    let before = rig.daemon.stats()["tx.backpressure"];
+    let h = plain_header(fe);
+    let a = fe.send(&h, &hostile_frame(rig.peer_mac, 100), TxLayout::Combined);
+    fe.raw_push_avail(Queue::Tx, 300);
+    let b = fe.send(&h, &hostile_frame(rig.peer_mac, 120), TxLayout::Combined);
+    fe.kick_tx();
+    let s = wait_counter(rig, "tx.backpressure", before + 1);
+    assert!(
+        s["tx.backpressure"] > before,
+        "the full socket did not hold the chains back: {s:?}"
+    );
+    (a, b)
+}
+
+#[test]
+fn tx_bad_avail_entry_behind_a_chain_held_back_by_a_full_socket() {
+    // avail = [A, 300 (beyond the 256-entry ring), B] while the socket is full: A is held back,
+    // and so must everything after it be, exactly: A and B each sent and used once when the
+    // socket drains, the bad entry counted once, GET_VRING_BASE naming A while it waits.
+    if !require_root_and_tools(&["tc"]) {
+        return;
+    }
+    let Some(rig) = rig() else { return };
+    // A qdisc that holds what it gets: 64 KiB frames fill the socket's send buffer (8 MiB).
+    host_qdisc(
+        &rig,
+        "add",
+        &["tbf", "rate", "1kbit", "burst", "64k", "limit", "100mb"],
+    );
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let other = [0x02, 0, 0, 0, 0, 0x99];
+    let mut posted = 0;
+    for i in 0..200 {
+        let (h, f) = tso_frame(&fe, other, 1448, i);
+        if fe.try_send(&h, &f, TxLayout::Combined).is_none() {
+            break;
+        }
+        posted += 1;
+    }
+    fe.kick_tx();
+    let s = wait_counter(&rig, "tx.backpressure", 1);
+    assert!(
+        s["tx.backpressure"] > 0,
+        "{posted} TSO frames did not fill the send buffer: {s:?}"
+    );
+    eprintln!(
+        "send buffer full after {} of {posted} TSO frames",
+        s["tx.packets"]
+    );
+    // The chains still waiting go with the connection; the socket stays full.
+    disconnect(&rig, fe);
+
+    // While the socket is full, GET_VRING_BASE names A: nothing from A on was consumed.
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let before = rig.daemon.stats();
+    post_behind_a_full_socket(&rig, &mut fe);
+    let base = fe.try_get_vring_base(Queue::Tx).unwrap();
+    let d = delta(&before, &rig.daemon.stats());
+    assert_eq!(
+        base,
+        0,
+        "GET_VRING_BASE while A waits: A is avail entry 0; counters moved {d:?}\n{}",
+        log_tail(&rig, 10)
+    );
+    disconnect(&rig, fe);
+
+    // Once the socket drains, A and B go out and come back once each; 300 is counted once.
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let before = rig.daemon.stats();
+    let (a, b) = post_behind_a_full_socket(&rig, &mut fe);
+    host_qdisc(&rig, "del", &[]);
+    let mut used = fe.wait_tx_used(2, T);
+    used.extend(fe.wait_tx_used(1, Duration::from_millis(500)));
+    let s = rig.daemon.stats();
+    let d = delta(&before, &s);
+    used.sort();
+    assert_eq!(
+        used,
+        [(u32::from(a), 0), (u32::from(b), 0)],
+        "A ({a}) and B ({b}) come back once each; counters moved {d:?}\n{}",
+        log_tail(&rig, 10)
+    );
+    assert_eq!(d.get("tx.drops.malformed"), Some(&1), "counted once: {d:?}");
+    assert_eq!(d.get("tx.packets"), Some(&2), "A and B sent: {d:?}");
+    let (_, tx_base) = fe.stop();
+    assert_eq!(
+        tx_base, 3,
+        "GET_VRING_BASE: all three avail entries consumed"
+    );
 }
 
 /// The least `gso_size` the daemon takes for TCP (datapath/offload.rs, docs/offloads.md).

@@ -39,13 +39,24 @@ pub enum TxOutcome {
     Budget,
 }
 
-/// What happens to one popped chain.
+/// What happens to one popped avail entry. Drops are counted when the entry is completed, not
+/// when it is popped: an entry behind a chain that `EAGAIN` holds back is popped again later.
 #[derive(Clone, Copy, Debug)]
 enum Fate {
     /// Send message `msg` of the batch.
     Send { msg: usize, bytes: usize, gso: bool },
-    /// Return it unsent: the guest gets it back with a counted drop.
-    Drop,
+    /// Return it unsent: the guest gets it back with a drop counted as `Refusal`.
+    Drop(Refusal),
+    /// The entry names no descriptor: nothing to give back; counted as malformed.
+    Skip,
+}
+
+/// Why a chain is returned unsent.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    Malformed,
+    Unnegotiated,
+    Spoofed,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -196,11 +207,15 @@ impl TxPath {
             };
             let head = desc_chain.head_index();
             if head >= size {
-                // Not a slot the used ring can name; nothing to give back or send.
-                ctx.stats.tx_drop_malformed += 1;
+                // Not a slot the used ring can name; nothing to give back or send. Still an
+                // entry: rewinding past it must count it.
                 self.log(format_args!(
                     "TX: avail ring names descriptor {head} of {size}"
                 ));
+                self.entries.push(Entry {
+                    head,
+                    fate: Fate::Skip,
+                });
                 continue;
             }
             let resolved = chain::resolve_from_queue(
@@ -217,9 +232,8 @@ impl TxPath {
             let fate = match resolved {
                 Ok(c) => self.check(ctx, c.iov_range(), c.len as usize, hdr_len, kernel_hdr),
                 Err(e) => {
-                    ctx.stats.tx_drop_malformed += 1;
                     self.log(format_args!("TX: guest chain {head}: {e}"));
-                    Fate::Drop
+                    Fate::Drop(Refusal::Malformed)
                 }
             };
             self.entries.push(Entry { head, fate });
@@ -268,25 +282,34 @@ impl TxPath {
                 }
             }
             done += 1;
-            let _ = used.push(ctx.mem, entry.head, 0);
-            if let Fate::Send { msg, bytes, gso } = fate {
-                match refused.iter().find(|(m, _)| *m == msg) {
-                    Some((_, e)) => {
-                        match e.raw_os_error() {
-                            Some(libc::EMSGSIZE) => ctx.stats.tx_drop_oversize += 1,
-                            _ => ctx.stats.tx_drop_kernel += 1,
-                        }
-                        self.log(format_args!(
-                            "TX: packet socket refused a {bytes}-byte frame: {e}"
-                        ));
-                    }
-                    None => {
-                        ctx.stats.tx_packets += 1;
-                        ctx.stats.tx_bytes += bytes as u64;
-                        ctx.stats.tx_gso += u64::from(gso);
-                    }
-                }
+            if !matches!(fate, Fate::Skip) {
+                let _ = used.push(ctx.mem, entry.head, 0);
             }
+            let counter = match fate {
+                Fate::Skip | Fate::Drop(Refusal::Malformed) => &mut ctx.stats.tx_drop_malformed,
+                Fate::Drop(Refusal::Unnegotiated) => &mut ctx.stats.tx_drop_unnegotiated,
+                Fate::Drop(Refusal::Spoofed) => &mut ctx.stats.tx_drop_spoofed,
+                Fate::Send { msg, bytes, gso } => {
+                    match refused.iter().find(|(m, _)| *m == msg) {
+                        Some((_, e)) => {
+                            match e.raw_os_error() {
+                                Some(libc::EMSGSIZE) => ctx.stats.tx_drop_oversize += 1,
+                                _ => ctx.stats.tx_drop_kernel += 1,
+                            }
+                            self.log(format_args!(
+                                "TX: packet socket refused a {bytes}-byte frame: {e}"
+                            ));
+                        }
+                        None => {
+                            ctx.stats.tx_packets += 1;
+                            ctx.stats.tx_bytes += bytes as u64;
+                            ctx.stats.tx_gso += u64::from(gso);
+                        }
+                    }
+                    continue;
+                }
+            };
+            *counter += 1;
         }
         (popped, popped - done)
     }
@@ -301,11 +324,10 @@ impl TxPath {
         kernel_hdr: usize,
     ) -> Fate {
         if len < hdr_len + MIN_FRAME {
-            ctx.stats.tx_drop_malformed += 1;
             self.log(format_args!(
                 "TX: {len}-byte chain is shorter than a header and a frame"
             ));
-            return Fate::Drop;
+            return Fate::Drop(Refusal::Malformed);
         }
         // SAFETY: the iovecs were just resolved against the mapping the caller keeps alive.
         let scatter = unsafe { Scatter::new(&self.arena[iovs.clone()]) };
@@ -319,31 +341,28 @@ impl TxPath {
         if !ctx.features.host_accepts_gso(kind, hdr.gso_ecn())
             || (wants_csum && !ctx.features.host_csum())
         {
-            ctx.stats.tx_drop_unnegotiated += 1;
             self.log(format_args!(
                 "TX: dropped a frame with flags {:#x} gso_type {:#x} the guest did not negotiate",
                 hdr.flags(),
                 hdr.gso_type()
             ));
-            return Fate::Drop;
+            return Fate::Drop(Refusal::Unnegotiated);
         }
         if wants_csum {
             // Enough of the frame for Ethernet, two VLAN tags and the largest IP header.
             let mut head = [0u8; 96];
             let n = scatter.read_at(hdr_len, &mut head);
             if let Err(e) = offload::check_tx_header(&hdr, &head[..n], len - hdr_len) {
-                ctx.stats.tx_drop_malformed += 1;
                 self.log(format_args!(
                     "TX: dropped a frame whose header does not match it: {e}"
                 ));
-                return Fate::Drop;
+                return Fate::Drop(Refusal::Malformed);
             }
         }
         if let Some(mac) = ctx.source_mac {
             let mut source = [0u8; 6];
             scatter.read_at(hdr_len + 6, &mut source);
             if source != mac {
-                ctx.stats.tx_drop_spoofed += 1;
                 // QEMU 7.2 does not read the MAC from the backend (no PROTOCOL_F_CONFIG for
                 // virtio-net): a device `mac=` without the same `--mac` lands here.
                 self.log(format_args!(
@@ -352,7 +371,7 @@ impl TxPath {
                     crate::config::MacAddr(source),
                     crate::config::MacAddr(mac)
                 ));
-                return Fate::Drop;
+                return Fate::Drop(Refusal::Spoofed);
             }
         }
         let msg = self.msg_iov.len();
