@@ -1720,6 +1720,111 @@ fn rx_frame_too_big_for_the_buffer_leaves_no_trace_in_it() {
 // held back by a full socket, and GSO frames cut into tiny segments
 // ---------------------------------------------------------------------------------------------
 
+/// A MAC the guest has no right to send from.
+const SPOOFED_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x66];
+
+#[test]
+fn tx_source_mac_rewritten_by_another_vcpu_never_reaches_the_wire_spoofed() {
+    // The guest posts one frame from its own MAC and, from a second vCPU, keeps flipping the
+    // frame's source MAC between its own and another one while the device works. Whatever the
+    // daemon checks must be what goes out: the peer never sees the other MAC.
+    let Some(rig) = rig() else { return };
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let cap = peer_socket(&rig);
+    let pid = rig.daemon.pid();
+    const KICKS: usize = 10_000;
+    let mut bytes = plain_header(&fe);
+    bytes.extend_from_slice(&hostile_frame(rig.peer_mac, 100));
+    let mut b = Build::new(&mut fe, Queue::Tx);
+    let d = b.readable(&bytes);
+    let head = b.put(d);
+    let source_at = d.addr + HDR as u64 + 6;
+    let before = rig.daemon.stats();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let marker = ethernet(
+        rig.peer_mac,
+        GUEST_MAC,
+        ETH_EXPERIMENTAL,
+        b"MARKER-after-the-flipped-frames",
+    );
+    let (seen, spoofed) = std::thread::scope(|s| {
+        let mem = fe.shared_guest_memory();
+        let stop = &stop;
+        s.spawn(move || {
+            use vm_memory::{Bytes, GuestAddress};
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for mac in [SPOOFED_MAC, GUEST_MAC] {
+                    mem.write_slice(&mac, GuestAddress(source_at))
+                        .expect("flip the source MAC in guest memory");
+                }
+            }
+        });
+        let reader = s.spawn(|| {
+            let (mut seen, mut spoofed) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut buf = vec![0u8; 2048];
+            loop {
+                assert!(
+                    Instant::now() < deadline,
+                    "the marker never reached the peer"
+                );
+                match cap.recv_vectored(&mut [std::io::IoSliceMut::new(&mut buf)]) {
+                    Ok(r) => {
+                        let f = &buf[HDR..r.len.min(buf.len())];
+                        if is_hostile(f) {
+                            seen += 1;
+                            spoofed += usize::from(f[6..12] != GUEST_MAC);
+                        }
+                        if f == &marker[..] {
+                            return (seen, spoofed);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_micros(200))
+                    }
+                    Err(e) => panic!("capture: {e}"),
+                }
+            }
+        });
+        for i in 0..KICKS {
+            fe.raw_push_avail(Queue::Tx, head);
+            fe.kick_tx();
+            let used = fe.wait_tx_used(1, T);
+            assert_eq!(
+                used,
+                [(u32::from(head), 0)],
+                "kick {i}: the chain comes back"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        fe.write_guest(source_at, &GUEST_MAC);
+        let h = plain_header(&fe);
+        send_frame(&mut fe, &h, &marker);
+        reader.join().unwrap()
+    });
+    let d = delta(&before, &rig.daemon.stats());
+    eprintln!(
+        "source MAC flipped by another vCPU over {KICKS} sends: the peer got {seen} frames, \
+         {spoofed} of them not from the guest's MAC; counters moved {d:?}"
+    );
+    let (_, capture_drops) = cap.drops().unwrap();
+    assert_eq!(
+        capture_drops, 0,
+        "the capture socket overflowed: it proves nothing"
+    );
+    assert_eq!(
+        d.get("tx.packets").copied().unwrap_or(0) + d.get("tx.drops.spoofed").copied().unwrap_or(0),
+        KICKS as i64 + 1,
+        "every send is either a packet or a counted spoof (the marker is one packet): {d:?}"
+    );
+    assert_eq!(
+        spoofed, 0,
+        "{spoofed} of {seen} frames reached the wire with a source MAC that is not the guest's"
+    );
+    still_serving(&rig, &mut fe, pid, "source MAC flipped");
+}
+
 /// `tc qdisc OP dev vh0 root ARGS...` in the host namespace; panics on failure.
 fn host_qdisc(rig: &Rig, op: &str, args: &[&str]) {
     let mut cmd = vec!["tc", "qdisc", op, "dev", "vh0", "root"];

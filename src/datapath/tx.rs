@@ -1,10 +1,13 @@
-//! TX: guest chains to the packet socket with no copy.
+//! TX: guest chains to the packet socket, copying only their headers.
 //!
 //! One batch: pop up to [`BATCH`] chains, resolve each to iovecs over guest memory (the virtio
-//! header may share a descriptor with the frame or be split anywhere), check the header against
-//! what the guest negotiated, and hand the batch to `sendmmsg`. A frame the kernel refuses is a
-//! counted drop; `EAGAIN` keeps the unsent chains (rewound into the avail ring) and waits for the
-//! socket to become writable. Used elements are published once per batch.
+//! header may share a descriptor with the frame or be split anywhere), copy the virtio header
+//! and the first [`HEAD_COPY`] bytes of the frame into a host buffer, check that copy against
+//! what the guest negotiated and may send, and hand the batch to `sendmmsg`: each message is the
+//! copy followed by the rest of the frame in guest memory. The guest can change its memory at
+//! any time (another vCPU); what was decided on is what the kernel reads. A frame the kernel
+//! refuses is a counted drop; `EAGAIN` keeps the unsent chains (rewound into the avail ring) and
+//! waits for the socket to become writable. Used elements are published once per batch.
 
 use std::io;
 use std::time::Duration;
@@ -27,6 +30,13 @@ pub const BATCH: usize = 64;
 const BUDGET_BATCHES: usize = 4;
 /// An Ethernet header: the shortest frame the kernel takes.
 const MIN_FRAME: usize = 14;
+/// Bytes of each frame copied (with its virtio header) before anything is decided: every header
+/// a check reads (Ethernet, two VLAN tags, the largest IPv4 header: 82 bytes) and the L2-L4
+/// headers of any frame a real stack sends (14 + 8 + 60 + 60 for IPv4 and TCP, 200-odd for
+/// IPv6 with extension headers). Longer frames send the rest from guest memory.
+pub const HEAD_COPY: usize = 256;
+/// One message's share of [`TxPath::heads`].
+const HEAD_SLOT: usize = LEN_MRG + HEAD_COPY;
 
 /// How a pass ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,19 +77,24 @@ struct Entry {
 
 /// TX state of one queue pair.
 pub struct TxPath {
+    /// Each chain's iovecs over guest memory.
     arena: Vec<iovec>,
+    /// Each message's iovecs: its head copy in `heads`, then the rest of its chain.
     carved: Vec<iovec>,
     entries: Vec<Entry>,
-    /// (start, end) of each message's iovecs, in `arena` or `carved`.
-    msg_iov: Vec<(bool, usize, usize)>,
+    /// (start, end) of each message's iovecs in `carved`.
+    msg_iov: Vec<(usize, usize)>,
     msgs: Vec<mmsghdr>,
+    /// Message i's copy of its virtio header and frame head is at `i * HEAD_SLOT`. Allocated
+    /// once and never resized: the iovecs point into it.
+    heads: Box<[u8]>,
     pub notify: NotifyState,
     log_limit: RateLimit,
 }
 
-// SAFETY: the raw pointers in the iovec and mmsghdr scratch buffers are only dereferenced
-// during a pass, which runs on one thread under the pair's lock with the guest memory guard
-// held; each pass rebuilds them before use.
+// SAFETY: the raw pointers in the iovec and mmsghdr scratch buffers (into guest memory and into
+// `heads`) are only dereferenced during a pass, which runs on one thread under the pair's lock
+// with the guest memory guard held; each pass rebuilds them before use.
 unsafe impl Send for TxPath {}
 
 impl Default for TxPath {
@@ -90,6 +105,7 @@ impl Default for TxPath {
             entries: Vec::with_capacity(BATCH),
             msg_iov: Vec::with_capacity(BATCH),
             msgs: Vec::with_capacity(BATCH),
+            heads: vec![0u8; BATCH * HEAD_SLOT].into_boxed_slice(),
             notify: NotifyState::default(),
             log_limit: RateLimit::new(Duration::from_secs(5)),
         }
@@ -241,12 +257,8 @@ impl TxPath {
         let popped = self.entries.len();
 
         self.msgs.clear();
-        for &(carved, start, end) in &self.msg_iov {
-            let iovs = if carved {
-                &self.carved[start..end]
-            } else {
-                &self.arena[start..end]
-            };
+        for &(start, end) in &self.msg_iov {
+            let iovs = &self.carved[start..end];
             // SAFETY: an all-zero msghdr is valid (null name and control, no flags).
             let mut m: mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = iovs.as_ptr().cast_mut();
@@ -258,8 +270,8 @@ impl TxPath {
         let mut sent = 0usize;
         let mut refused: Vec<(usize, io::Error)> = Vec::new();
         while sent < self.msgs.len() {
-            // SAFETY: every message's iovecs point into guest memory resolved for reading
-            // against the mapping the caller keeps alive for this pass.
+            // SAFETY: every message's iovecs point into `heads` or into guest memory resolved
+            // for reading against the mapping the caller keeps alive for this pass.
             match unsafe { ctx.socket.send_batch(&mut self.msgs[sent..]) } {
                 Ok(n) => sent += n.max(1),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -314,7 +326,8 @@ impl TxPath {
         (popped, popped - done)
     }
 
-    /// Checks a chain's header and frame and prepares its message, or decides to drop it.
+    /// Copies a chain's header and frame head, checks the copy and prepares its message (the
+    /// copy, then the rest of the chain), or decides to drop it.
     fn check(
         &mut self,
         ctx: &mut TxContext<'_>,
@@ -329,19 +342,22 @@ impl TxPath {
             ));
             return Fate::Drop(Refusal::Malformed);
         }
+        let msg = self.msg_iov.len();
+        let slot = &mut self.heads[msg * HEAD_SLOT..(msg + 1) * HEAD_SLOT];
         // SAFETY: the iovecs were just resolved against the mapping the caller keeps alive.
         let scatter = unsafe { Scatter::new(&self.arena[iovs.clone()]) };
-        let mut hdr_bytes = [0u8; LEN_MRG];
-        scatter.read_at(0, &mut hdr_bytes[..hdr_len]);
-        let hdr = NetHeader::new_checked(&hdr_bytes[..hdr_len], hdr_len)
-            .expect("header buffer sized by header_len");
+        let copied = scatter.read_at(0, &mut slot[..len.min(HEAD_SLOT)]);
+        // From here on only the copy is looked at, and the copy is what the kernel reads.
+        let (hdr_bytes, frame_head) = slot[..copied].split_at(hdr_len);
+        let hdr =
+            NetHeader::new_checked(hdr_bytes, hdr_len).expect("header buffer sized by header_len");
         let kind = hdr.gso_kind();
         // Segmentation implies a partial checksum, so GSO needs CSUM as well as HOST_TSO/USO.
         let wants_csum = hdr.needs_csum() || kind != GsoKind::None;
         if !ctx.features.host_accepts_gso(kind, hdr.gso_ecn())
             || (wants_csum && !ctx.features.host_csum())
         {
-            self.log(format_args!(
+            self.log_limit.warn(format_args!(
                 "TX: dropped a frame with flags {:#x} gso_type {:#x} the guest did not negotiate",
                 hdr.flags(),
                 hdr.gso_type()
@@ -349,41 +365,51 @@ impl TxPath {
             return Fate::Drop(Refusal::Unnegotiated);
         }
         if wants_csum {
-            // Enough of the frame for Ethernet, two VLAN tags and the largest IP header.
-            let mut head = [0u8; 96];
-            let n = scatter.read_at(hdr_len, &mut head);
-            if let Err(e) = offload::check_tx_header(&hdr, &head[..n], len - hdr_len) {
-                self.log(format_args!(
+            if let Err(e) = offload::check_tx_header(&hdr, frame_head, len - hdr_len) {
+                self.log_limit.warn(format_args!(
                     "TX: dropped a frame whose header does not match it: {e}"
                 ));
                 return Fate::Drop(Refusal::Malformed);
             }
         }
-        if let Some(mac) = ctx.source_mac {
-            let mut source = [0u8; 6];
-            scatter.read_at(hdr_len + 6, &mut source);
-            if source != mac {
-                // QEMU 7.2 does not read the MAC from the backend (no PROTOCOL_F_CONFIG for
-                // virtio-net): a device `mac=` without the same `--mac` lands here.
-                self.log(format_args!(
-                    "TX: dropped a frame from {} that is not the guest's MAC {} \
-                     (give vhost-packet --mac the MAC of the frontend's device)",
-                    crate::config::MacAddr(source),
-                    crate::config::MacAddr(mac)
-                ));
-                return Fate::Drop(Refusal::Spoofed);
-            }
+        let mut source = [0u8; 6];
+        source.copy_from_slice(&frame_head[6..12]);
+        if !source_allowed(ctx, &mut self.log_limit, source) {
+            return Fate::Drop(Refusal::Spoofed);
         }
-        let msg = self.msg_iov.len();
+
+        let start = self.carved.len();
+        let copy = slot.as_mut_ptr();
         if kernel_hdr == hdr_len {
-            self.msg_iov.push((false, iovs.start, iovs.end));
+            self.carved.push(iovec {
+                iov_base: copy.cast(),
+                iov_len: copied,
+            });
         } else {
             // A 12-byte guest header on a 10-byte kernel header: skip num_buffers.
             debug_assert_eq!((hdr_len, kernel_hdr), (LEN_MRG, LEN_BASE));
-            let start = self.carved.len();
-            chain::carve(&self.arena[iovs], len, LEN_BASE..LEN_MRG, &mut self.carved);
-            self.msg_iov.push((true, start, self.carved.len()));
+            self.carved.push(iovec {
+                iov_base: copy.cast(),
+                iov_len: LEN_BASE,
+            });
+            self.carved.push(iovec {
+                // Inside the slot: `copied` > LEN_MRG (checked above).
+                iov_base: copy.wrapping_add(LEN_MRG).cast(),
+                iov_len: copied - LEN_MRG,
+            });
         }
+        // The rest of the frame, past the copy, straight from guest memory.
+        chain::carve(&self.arena[iovs], len, 0..copied, &mut self.carved);
+        if self.carved.len() - start > chain::MAX_SEGMENTS {
+            // The copy's iovecs came on top of a chain already at the kernel's limit (no real
+            // driver comes near it: Linux uses some 20 descriptors a frame).
+            self.carved.truncate(start);
+            self.log(format_args!(
+                "TX: chain has too many segments to send with its header copy"
+            ));
+            return Fate::Drop(Refusal::Malformed);
+        }
+        self.msg_iov.push((start, self.carved.len()));
         Fate::Send {
             msg,
             bytes: len - hdr_len,
@@ -394,4 +420,24 @@ impl TxPath {
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
         self.log_limit.warn(args);
     }
+}
+
+/// Whether the guest may send from `source` (the frame's source MAC, as copied); logs a refusal,
+/// which the caller counts.
+fn source_allowed(ctx: &mut TxContext<'_>, log: &mut RateLimit, source: [u8; 6]) -> bool {
+    let Some(mac) = ctx.source_mac else {
+        return true;
+    };
+    if source == mac {
+        return true;
+    }
+    // QEMU 7.2 does not read the MAC from the backend (no PROTOCOL_F_CONFIG for virtio-net): a
+    // device `mac=` without the same `--mac` lands here.
+    log.warn(format_args!(
+        "TX: dropped a frame from {} that is not the guest's MAC {} \
+         (give vhost-packet --mac the MAC of the frontend's device)",
+        crate::config::MacAddr(source),
+        crate::config::MacAddr(mac)
+    ));
+    false
 }
