@@ -1876,3 +1876,312 @@ fn rx_bad_chain_staged_behind_good_ones_is_counted_once() {
         log_tail(&rig, 10)
     );
 }
+
+// TX: what the backend decides on must be what the kernel sends, a bad avail entry amid chains
+// held back by a full socket, and GSO frames cut into tiny segments
+// ---------------------------------------------------------------------------------------------
+
+/// A MAC the guest has no right to send from.
+const SPOOFED_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x66];
+
+#[test]
+fn tx_source_mac_rewritten_by_another_vcpu_never_reaches_the_wire_spoofed() {
+    // The guest posts one frame from its own MAC and, from a second vCPU, keeps flipping the
+    // frame's source MAC between its own and another one while the device works. Whatever the
+    // daemon checks must be what goes out: the peer never sees the other MAC.
+    let Some(rig) = rig() else { return };
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let cap = peer_socket(&rig);
+    let pid = rig.daemon.pid();
+    const KICKS: usize = 10_000;
+    let mut bytes = plain_header(&fe);
+    bytes.extend_from_slice(&hostile_frame(rig.peer_mac, 100));
+    let mut b = Build::new(&mut fe, Queue::Tx);
+    let d = b.readable(&bytes);
+    let head = b.put(d);
+    let source_at = d.addr + HDR as u64 + 6;
+    let before = rig.daemon.stats();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let marker = ethernet(
+        rig.peer_mac,
+        GUEST_MAC,
+        ETH_EXPERIMENTAL,
+        b"MARKER-after-the-flipped-frames",
+    );
+    let (seen, spoofed) = std::thread::scope(|s| {
+        let mem = fe.shared_guest_memory();
+        let stop = &stop;
+        s.spawn(move || {
+            use vm_memory::{Bytes, GuestAddress};
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for mac in [SPOOFED_MAC, GUEST_MAC] {
+                    mem.write_slice(&mac, GuestAddress(source_at))
+                        .expect("flip the source MAC in guest memory");
+                }
+            }
+        });
+        let reader = s.spawn(|| {
+            let (mut seen, mut spoofed) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut buf = vec![0u8; 2048];
+            loop {
+                assert!(
+                    Instant::now() < deadline,
+                    "the marker never reached the peer"
+                );
+                match cap.recv_vectored(&mut [std::io::IoSliceMut::new(&mut buf)]) {
+                    Ok(r) => {
+                        let f = &buf[HDR..r.len.min(buf.len())];
+                        if is_hostile(f) {
+                            seen += 1;
+                            spoofed += usize::from(f[6..12] != GUEST_MAC);
+                        }
+                        if f == &marker[..] {
+                            return (seen, spoofed);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_micros(200))
+                    }
+                    Err(e) => panic!("capture: {e}"),
+                }
+            }
+        });
+        for i in 0..KICKS {
+            fe.raw_push_avail(Queue::Tx, head);
+            fe.kick_tx();
+            let used = fe.wait_tx_used(1, T);
+            assert_eq!(
+                used,
+                [(u32::from(head), 0)],
+                "kick {i}: the chain comes back"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        fe.write_guest(source_at, &GUEST_MAC);
+        let h = plain_header(&fe);
+        send_frame(&mut fe, &h, &marker);
+        reader.join().unwrap()
+    });
+    let d = delta(&before, &rig.daemon.stats());
+    eprintln!(
+        "source MAC flipped by another vCPU over {KICKS} sends: the peer got {seen} frames, \
+         {spoofed} of them not from the guest's MAC; counters moved {d:?}"
+    );
+    let (_, capture_drops) = cap.drops().unwrap();
+    assert_eq!(
+        capture_drops, 0,
+        "the capture socket overflowed: it proves nothing"
+    );
+    assert_eq!(
+        d.get("tx.packets").copied().unwrap_or(0) + d.get("tx.drops.spoofed").copied().unwrap_or(0),
+        KICKS as i64 + 1,
+        "every send is either a packet or a counted spoof (the marker is one packet): {d:?}"
+    );
+    assert_eq!(
+        spoofed, 0,
+        "{spoofed} of {seen} frames reached the wire with a source MAC that is not the guest's"
+    );
+    still_serving(&rig, &mut fe, pid, "source MAC flipped");
+}
+
+/// `tc qdisc OP dev vh0 root ARGS...` in the host namespace; panics on failure.
+fn host_qdisc(rig: &Rig, op: &str, args: &[&str]) {
+    let mut cmd = vec!["tc", "qdisc", op, "dev", "vh0", "root"];
+    cmd.extend_from_slice(args);
+    let out = rig.host.exec(&cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A 60000-byte TCPv4 TSO frame to the peer (gso_size `gso_size`, partial checksum), with the
+/// guest's virtio header, its destination MAC `dst`.
+fn tso_frame(fe: &TestFrontend, dst: [u8; 6], gso_size: u16, seed: u32) -> (Vec<u8>, Vec<u8>) {
+    let (frame, csum_start, hdr_len) =
+        partial_csum_frame((dst, GUEST_MAC), L3::V4, 6, TCP_ACK, &pattern(60000, seed));
+    let h = vnet_header(
+        vhdr::F_NEEDS_CSUM,
+        vhdr::GSO_TCPV4,
+        hdr_len,
+        gso_size,
+        csum_start,
+        16,
+        0,
+        fe.header_len(),
+    );
+    (h, frame)
+}
+
+/// Drops `fe` and waits until the daemon has let go of its connection.
+fn disconnect(rig: &Rig, fe: TestFrontend) {
+    let connected = rig.daemon.log().matches("frontend connected").count();
+    drop(fe);
+    let deadline = Instant::now() + T;
+    while rig
+        .daemon
+        .log()
+        .matches("connection closed: queue pair 0")
+        .count()
+        < connected
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never closed the connection\n{}",
+            log_tail(rig, 20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Posts A, an avail entry naming descriptor 300 of the 256-entry ring, and B, and kicks while
+/// the packet socket is full; returns (A, B) once the daemon has been held back by it.
+fn post_behind_a_full_socket(rig: &Rig, fe: &mut TestFrontend) -> (u16, u16) {
+    let before = rig.daemon.stats()["tx.backpressure"];
+    let h = plain_header(fe);
+    let a = fe.send(&h, &hostile_frame(rig.peer_mac, 100), TxLayout::Combined);
+    fe.raw_push_avail(Queue::Tx, 300);
+    let b = fe.send(&h, &hostile_frame(rig.peer_mac, 120), TxLayout::Combined);
+    fe.kick_tx();
+    let s = wait_counter(rig, "tx.backpressure", before + 1);
+    assert!(
+        s["tx.backpressure"] > before,
+        "the full socket did not hold the chains back: {s:?}"
+    );
+    (a, b)
+}
+
+#[test]
+fn tx_bad_avail_entry_behind_a_chain_held_back_by_a_full_socket() {
+    // avail = [A, 300 (beyond the 256-entry ring), B] while the socket is full: A is held back,
+    // and so must everything after it be, exactly: A and B each sent and used once when the
+    // socket drains, the bad entry counted once, GET_VRING_BASE naming A while it waits.
+    if !require_root_and_tools(&["tc"]) {
+        return;
+    }
+    let Some(rig) = rig() else { return };
+    // A qdisc that holds what it gets: 64 KiB frames fill the socket's send buffer (8 MiB).
+    host_qdisc(
+        &rig,
+        "add",
+        &["tbf", "rate", "1kbit", "burst", "64k", "limit", "100mb"],
+    );
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let other = [0x02, 0, 0, 0, 0, 0x99];
+    let mut posted = 0;
+    for i in 0..200 {
+        let (h, f) = tso_frame(&fe, other, 1448, i);
+        if fe.try_send(&h, &f, TxLayout::Combined).is_none() {
+            break;
+        }
+        posted += 1;
+    }
+    fe.kick_tx();
+    let s = wait_counter(&rig, "tx.backpressure", 1);
+    assert!(
+        s["tx.backpressure"] > 0,
+        "{posted} TSO frames did not fill the send buffer: {s:?}"
+    );
+    eprintln!(
+        "send buffer full after {} of {posted} TSO frames",
+        s["tx.packets"]
+    );
+    // The chains still waiting go with the connection; the socket stays full.
+    disconnect(&rig, fe);
+
+    // While the socket is full, GET_VRING_BASE names A: nothing from A on was consumed.
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let before = rig.daemon.stats();
+    post_behind_a_full_socket(&rig, &mut fe);
+    let base = fe.try_get_vring_base(Queue::Tx).unwrap();
+    let d = delta(&before, &rig.daemon.stats());
+    assert_eq!(
+        base,
+        0,
+        "GET_VRING_BASE while A waits: A is avail entry 0; counters moved {d:?}\n{}",
+        log_tail(&rig, 10)
+    );
+    disconnect(&rig, fe);
+
+    // Once the socket drains, A and B go out and come back once each; 300 is counted once.
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let before = rig.daemon.stats();
+    let (a, b) = post_behind_a_full_socket(&rig, &mut fe);
+    host_qdisc(&rig, "del", &[]);
+    let mut used = fe.wait_tx_used(2, T);
+    used.extend(fe.wait_tx_used(1, Duration::from_millis(500)));
+    let s = rig.daemon.stats();
+    let d = delta(&before, &s);
+    used.sort();
+    assert_eq!(
+        used,
+        [(u32::from(a), 0), (u32::from(b), 0)],
+        "A ({a}) and B ({b}) come back once each; counters moved {d:?}\n{}",
+        log_tail(&rig, 10)
+    );
+    assert_eq!(d.get("tx.drops.malformed"), Some(&1), "counted once: {d:?}");
+    assert_eq!(d.get("tx.packets"), Some(&2), "A and B sent: {d:?}");
+    let (_, tx_base) = fe.stop();
+    assert_eq!(
+        tx_base, 3,
+        "GET_VRING_BASE: all three avail entries consumed"
+    );
+}
+
+/// The least `gso_size` the daemon takes for TCP (datapath/offload.rs, docs/offloads.md).
+const MIN_TCP_GSO_SIZE: u16 = 8;
+
+#[test]
+fn tx_tso_frame_with_gso_size_1_is_refused() {
+    // A 60000-byte TSO frame with gso_size 1 would be cut into 60000 segments by the host
+    // (software GSO here: vh0 has TSO off). Refused and counted; one at the bound goes out.
+    let Some(rig) = rig() else { return };
+    rig.host.ethtool_k("vh0", &[("tso", "off")]);
+    let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
+    let pid = rig.daemon.pid();
+    // Not the peer's MAC: the peer's stack counts and ignores the segments.
+    let other = [0x02, 0, 0, 0, 0, 0x99];
+    // Segments the veth took, whether the peer's backlog kept them or dropped them.
+    let rx_packets =
+        || rig.peer.link_counter("vp0", "rx_packets") + rig.peer.link_counter("vp0", "rx_dropped");
+
+    let before = rig.daemon.stats();
+    let peer_before = rx_packets();
+    let (h, f) = tso_frame(&fe, other, 1, 1);
+    send_frame(&mut fe, &h, &f);
+    // The peer's count settles once software GSO is done with whatever went out.
+    let marker = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, b"MARKER-gso-1");
+    let cap = peer_socket(&rig);
+    let ph = plain_header(&fe);
+    send_frame(&mut fe, &ph, &marker);
+    capture(&cap, |g| g == &marker[..]).expect("the marker reaches the peer");
+    let segments = rx_packets() - peer_before - 1;
+    let d = delta(&before, &rig.daemon.stats());
+    eprintln!("TSO frame with gso_size 1: {segments} frames at the peer, counters moved {d:?}");
+    assert_eq!(
+        d,
+        BTreeMap::from([
+            ("tx.drops.malformed".to_string(), 1),
+            ("tx.packets".to_string(), 1),
+            ("tx.bytes".to_string(), marker.len() as i64),
+        ]),
+        "refused as malformed (only the marker sent); {segments} frames reached the peer"
+    );
+    assert!(segments < 64, "{segments} segments reached the peer");
+
+    // At the bound it goes through (as 7500 segments).
+    let before = rig.daemon.stats();
+    let (h, f) = tso_frame(&fe, other, MIN_TCP_GSO_SIZE, 2);
+    send_frame(&mut fe, &h, &f);
+    let d = delta(&before, &rig.daemon.stats());
+    assert_eq!(
+        d.get("tx.gso"),
+        Some(&1),
+        "gso_size {MIN_TCP_GSO_SIZE} passes: {d:?}"
+    );
+    assert_eq!(d.get("tx.drops.malformed"), None, "{d:?}");
+    still_serving(&rig, &mut fe, pid, "gso_size 1");
+}

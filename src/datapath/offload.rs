@@ -72,6 +72,9 @@ pub enum TxHeaderError {
     OutOfFrame,
     /// GSO with `gso_size` 0.
     ZeroGsoSize,
+    /// GSO that would be cut into more segments than any real stack asks for: TCP with
+    /// `gso_size` under [`MIN_TCP_GSO_SIZE`], UDP_L4 into more than [`MAX_UDP_GSO_SEGMENTS`].
+    TinySegments,
     /// The GSO type names another IP version or transport than the frame carries.
     WrongProtocol,
     /// For GSO, the checksum must be the transport header's own.
@@ -83,6 +86,9 @@ impl std::fmt::Display for TxHeaderError {
         f.write_str(match self {
             TxHeaderError::OutOfFrame => "header offsets point beyond the frame",
             TxHeaderError::ZeroGsoSize => "GSO with gso_size 0",
+            TxHeaderError::TinySegments => {
+                "GSO segments smaller than any real stack sends (the host would make thousands)"
+            }
             TxHeaderError::WrongProtocol => "GSO type does not match the frame's protocols",
             TxHeaderError::WrongChecksumPlace => {
                 "GSO checksum offsets are not the transport header's"
@@ -90,6 +96,17 @@ impl std::fmt::Display for TxHeaderError {
         })
     }
 }
+
+/// The least `gso_size` a TCP GSO frame may have. Linux never sends less: its sender MSS has
+/// the floor `TCP_MIN_SND_MSS` (48, also the least `net.ipv4.tcp_min_snd_mss` takes), and
+/// TCP options take at most `MAX_TCP_OPTION_SPACE` (40) of it: `TCP_MIN_GSO_SIZE` 8 in
+/// include/net/tcp.h. Below it the host would cut a 64 KiB frame into up to 65 000 skbs.
+pub const MIN_TCP_GSO_SIZE: u16 = 8;
+
+/// The most segments a UDP_L4 GSO frame may be cut into. Linux's UDP_SEGMENT takes any
+/// `gso_size` but refuses more than `UDP_MAX_SEGMENTS` segments per send (64, 128 in newer
+/// kernels: the larger is allowed).
+pub const MAX_UDP_GSO_SEGMENTS: usize = 128;
 
 /// Checks that a TX header describes its frame, so that the kernel gets only consistent
 /// requests (it rejects some inconsistencies with misleading errors, ENOMEM for TCPV4 on an
@@ -131,6 +148,16 @@ pub fn check_tx_header<T: AsRef<[u8]>>(
     }
     if usize::from(hdr.csum_start()) != l4_at || usize::from(hdr.csum_offset()) != csum_offset {
         return Err(TxHeaderError::WrongChecksumPlace);
+    }
+    let tiny = match kind {
+        GsoKind::UdpL4 => {
+            let payload = frame_len.saturating_sub(l4_at + crate::wire::udp::HEADER_LEN);
+            payload > usize::from(hdr.gso_size()) * MAX_UDP_GSO_SEGMENTS
+        }
+        _ => hdr.gso_size() < MIN_TCP_GSO_SIZE,
+    };
+    if tiny {
+        return Err(TxHeaderError::TinySegments);
     }
     Ok(())
 }
@@ -423,6 +450,11 @@ mod tests {
             Ok(()),
             "a prefix is enough"
         );
+        assert_eq!(
+            check(tx_header(n, GSO_TCPV4, 54, MIN_TCP_GSO_SIZE, 34, 16), &v4),
+            Ok(()),
+            "the least gso_size a Linux sender uses"
+        );
         let bad = [
             (
                 tx_header(n, 0, 0, 0, len as u16, 0),
@@ -439,6 +471,10 @@ mod tests {
             (
                 tx_header(n, GSO_TCPV4, 54, 0, 34, 16),
                 TxHeaderError::ZeroGsoSize,
+            ),
+            (
+                tx_header(n, GSO_TCPV4, 54, MIN_TCP_GSO_SIZE - 1, 34, 16),
+                TxHeaderError::TinySegments,
             ),
             (
                 tx_header(n, GSO_TCPV6, 54, 1448, 34, 16),
@@ -467,6 +503,16 @@ mod tests {
         assert_eq!(
             check(tx_header(n, GSO_TCPV6, 74, 1448, 54, 16), &v6),
             Ok(())
+        );
+        // UDP_L4: 224 bytes of payload take gso_size 2 (112 segments), not 1 (224).
+        let mut udp = v4.clone();
+        udp[14 + 9] = 17;
+        udp.extend_from_slice(&[0; 200]);
+        assert_eq!(udp.len() - 42, 224);
+        assert_eq!(check(tx_header(n, GSO_UDP_L4, 42, 2, 34, 6), &udp), Ok(()));
+        assert_eq!(
+            check(tx_header(n, GSO_UDP_L4, 42, 1, 34, 6), &udp),
+            Err(TxHeaderError::TinySegments)
         );
         let h = tx_header(n, GSO_TCPV4, 54, 1448, 34, 16);
         let h = NetHeader::new_checked(&h[..], LEN_MRG).unwrap();

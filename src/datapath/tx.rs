@@ -1,10 +1,13 @@
-//! TX: guest chains to the packet socket with no copy.
+//! TX: guest chains to the packet socket, copying only their headers.
 //!
 //! One batch: pop up to [`BATCH`] chains, resolve each to iovecs over guest memory (the virtio
-//! header may share a descriptor with the frame or be split anywhere), check the header against
-//! what the guest negotiated, and hand the batch to `sendmmsg`. A frame the kernel refuses is a
-//! counted drop; `EAGAIN` keeps the unsent chains (rewound into the avail ring) and waits for the
-//! socket to become writable. Used elements are published once per batch.
+//! header may share a descriptor with the frame or be split anywhere), copy the virtio header
+//! and the first [`HEAD_COPY`] bytes of the frame into a host buffer, check that copy against
+//! what the guest negotiated and may send, and hand the batch to `sendmmsg`: each message is the
+//! copy followed by the rest of the frame in guest memory. The guest can change its memory at
+//! any time (another vCPU); what was decided on is what the kernel reads. A frame the kernel
+//! refuses is a counted drop; `EAGAIN` keeps the unsent chains (rewound into the avail ring) and
+//! waits for the socket to become writable. Used elements are published once per batch.
 
 use std::io;
 use std::time::Duration;
@@ -27,6 +30,13 @@ pub const BATCH: usize = 64;
 const BUDGET_BATCHES: usize = 4;
 /// An Ethernet header: the shortest frame the kernel takes.
 const MIN_FRAME: usize = 14;
+/// Bytes of each frame copied (with its virtio header) before anything is decided: every header
+/// a check reads (Ethernet, two VLAN tags, the largest IPv4 header: 82 bytes) and the L2-L4
+/// headers of any frame a real stack sends (14 + 8 + 60 + 60 for IPv4 and TCP, 200-odd for
+/// IPv6 with extension headers). Longer frames send the rest from guest memory.
+pub const HEAD_COPY: usize = 256;
+/// One message's share of [`TxPath::heads`].
+const HEAD_SLOT: usize = LEN_MRG + HEAD_COPY;
 
 /// How a pass ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,13 +49,24 @@ pub enum TxOutcome {
     Budget,
 }
 
-/// What happens to one popped chain.
+/// What happens to one popped avail entry. Drops are counted when the entry is completed, not
+/// when it is popped: an entry behind a chain that `EAGAIN` holds back is popped again later.
 #[derive(Clone, Copy, Debug)]
 enum Fate {
     /// Send message `msg` of the batch.
     Send { msg: usize, bytes: usize, gso: bool },
-    /// Return it unsent: the guest gets it back with a counted drop.
-    Drop,
+    /// Return it unsent: the guest gets it back with a drop counted as `Refusal`.
+    Drop(Refusal),
+    /// The entry names no descriptor: nothing to give back; counted as malformed.
+    Skip,
+}
+
+/// Why a chain is returned unsent.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    Malformed,
+    Unnegotiated,
+    Spoofed,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -56,19 +77,24 @@ struct Entry {
 
 /// TX state of one queue pair.
 pub struct TxPath {
+    /// Each chain's iovecs over guest memory.
     arena: Vec<iovec>,
+    /// Each message's iovecs: its head copy in `heads`, then the rest of its chain.
     carved: Vec<iovec>,
     entries: Vec<Entry>,
-    /// (start, end) of each message's iovecs, in `arena` or `carved`.
-    msg_iov: Vec<(bool, usize, usize)>,
+    /// (start, end) of each message's iovecs in `carved`.
+    msg_iov: Vec<(usize, usize)>,
     msgs: Vec<mmsghdr>,
+    /// Message i's copy of its virtio header and frame head is at `i * HEAD_SLOT`. Allocated
+    /// once and never resized: the iovecs point into it.
+    heads: Box<[u8]>,
     pub notify: NotifyState,
     log_limit: RateLimit,
 }
 
-// SAFETY: the raw pointers in the iovec and mmsghdr scratch buffers are only dereferenced
-// during a pass, which runs on one thread under the pair's lock with the guest memory guard
-// held; each pass rebuilds them before use.
+// SAFETY: the raw pointers in the iovec and mmsghdr scratch buffers (into guest memory and into
+// `heads`) are only dereferenced during a pass, which runs on one thread under the pair's lock
+// with the guest memory guard held; each pass rebuilds them before use.
 unsafe impl Send for TxPath {}
 
 impl Default for TxPath {
@@ -79,6 +105,7 @@ impl Default for TxPath {
             entries: Vec::with_capacity(BATCH),
             msg_iov: Vec::with_capacity(BATCH),
             msgs: Vec::with_capacity(BATCH),
+            heads: vec![0u8; BATCH * HEAD_SLOT].into_boxed_slice(),
             notify: NotifyState::default(),
             log_limit: RateLimit::new(Duration::from_secs(5)),
         }
@@ -196,11 +223,15 @@ impl TxPath {
             };
             let head = desc_chain.head_index();
             if head >= size {
-                // Not a slot the used ring can name; nothing to give back or send.
-                ctx.stats.tx_drop_malformed += 1;
+                // Not a slot the used ring can name; nothing to give back or send. Still an
+                // entry: rewinding past it must count it.
                 self.log(format_args!(
                     "TX: avail ring names descriptor {head} of {size}"
                 ));
+                self.entries.push(Entry {
+                    head,
+                    fate: Fate::Skip,
+                });
                 continue;
             }
             let resolved = chain::resolve_from_queue(
@@ -217,9 +248,8 @@ impl TxPath {
             let fate = match resolved {
                 Ok(c) => self.check(ctx, c.iov_range(), c.len as usize, hdr_len, kernel_hdr),
                 Err(e) => {
-                    ctx.stats.tx_drop_malformed += 1;
                     self.log(format_args!("TX: guest chain {head}: {e}"));
-                    Fate::Drop
+                    Fate::Drop(Refusal::Malformed)
                 }
             };
             self.entries.push(Entry { head, fate });
@@ -227,12 +257,8 @@ impl TxPath {
         let popped = self.entries.len();
 
         self.msgs.clear();
-        for &(carved, start, end) in &self.msg_iov {
-            let iovs = if carved {
-                &self.carved[start..end]
-            } else {
-                &self.arena[start..end]
-            };
+        for &(start, end) in &self.msg_iov {
+            let iovs = &self.carved[start..end];
             // SAFETY: an all-zero msghdr is valid (null name and control, no flags).
             let mut m: mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = iovs.as_ptr().cast_mut();
@@ -244,8 +270,8 @@ impl TxPath {
         let mut sent = 0usize;
         let mut refused: Vec<(usize, io::Error)> = Vec::new();
         while sent < self.msgs.len() {
-            // SAFETY: every message's iovecs point into guest memory resolved for reading
-            // against the mapping the caller keeps alive for this pass.
+            // SAFETY: every message's iovecs point into `heads` or into guest memory resolved
+            // for reading against the mapping the caller keeps alive for this pass.
             match unsafe { ctx.socket.send_batch(&mut self.msgs[sent..]) } {
                 Ok(n) => sent += n.max(1),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -268,30 +294,40 @@ impl TxPath {
                 }
             }
             done += 1;
-            let _ = used.push(ctx.mem, entry.head, 0);
-            if let Fate::Send { msg, bytes, gso } = fate {
-                match refused.iter().find(|(m, _)| *m == msg) {
-                    Some((_, e)) => {
-                        match e.raw_os_error() {
-                            Some(libc::EMSGSIZE) => ctx.stats.tx_drop_oversize += 1,
-                            _ => ctx.stats.tx_drop_kernel += 1,
-                        }
-                        self.log(format_args!(
-                            "TX: packet socket refused a {bytes}-byte frame: {e}"
-                        ));
-                    }
-                    None => {
-                        ctx.stats.tx_packets += 1;
-                        ctx.stats.tx_bytes += bytes as u64;
-                        ctx.stats.tx_gso += u64::from(gso);
-                    }
-                }
+            if !matches!(fate, Fate::Skip) {
+                let _ = used.push(ctx.mem, entry.head, 0);
             }
+            let counter = match fate {
+                Fate::Skip | Fate::Drop(Refusal::Malformed) => &mut ctx.stats.tx_drop_malformed,
+                Fate::Drop(Refusal::Unnegotiated) => &mut ctx.stats.tx_drop_unnegotiated,
+                Fate::Drop(Refusal::Spoofed) => &mut ctx.stats.tx_drop_spoofed,
+                Fate::Send { msg, bytes, gso } => {
+                    match refused.iter().find(|(m, _)| *m == msg) {
+                        Some((_, e)) => {
+                            match e.raw_os_error() {
+                                Some(libc::EMSGSIZE) => ctx.stats.tx_drop_oversize += 1,
+                                _ => ctx.stats.tx_drop_kernel += 1,
+                            }
+                            self.log(format_args!(
+                                "TX: packet socket refused a {bytes}-byte frame: {e}"
+                            ));
+                        }
+                        None => {
+                            ctx.stats.tx_packets += 1;
+                            ctx.stats.tx_bytes += bytes as u64;
+                            ctx.stats.tx_gso += u64::from(gso);
+                        }
+                    }
+                    continue;
+                }
+            };
+            *counter += 1;
         }
         (popped, popped - done)
     }
 
-    /// Checks a chain's header and frame and prepares its message, or decides to drop it.
+    /// Copies a chain's header and frame head, checks the copy and prepares its message (the
+    /// copy, then the rest of the chain), or decides to drop it.
     fn check(
         &mut self,
         ctx: &mut TxContext<'_>,
@@ -301,63 +337,79 @@ impl TxPath {
         kernel_hdr: usize,
     ) -> Fate {
         if len < hdr_len + MIN_FRAME {
-            ctx.stats.tx_drop_malformed += 1;
             self.log(format_args!(
                 "TX: {len}-byte chain is shorter than a header and a frame"
             ));
-            return Fate::Drop;
+            return Fate::Drop(Refusal::Malformed);
         }
+        let msg = self.msg_iov.len();
+        let slot = &mut self.heads[msg * HEAD_SLOT..(msg + 1) * HEAD_SLOT];
         // SAFETY: the iovecs were just resolved against the mapping the caller keeps alive.
         let scatter = unsafe { Scatter::new(&self.arena[iovs.clone()]) };
-        let mut hdr_bytes = [0u8; LEN_MRG];
-        scatter.read_at(0, &mut hdr_bytes[..hdr_len]);
-        let hdr = NetHeader::new_checked(&hdr_bytes[..hdr_len], hdr_len)
-            .expect("header buffer sized by header_len");
+        let copied = scatter.read_at(0, &mut slot[..len.min(HEAD_SLOT)]);
+        // From here on only the copy is looked at, and the copy is what the kernel reads.
+        let (hdr_bytes, frame_head) = slot[..copied].split_at(hdr_len);
+        let hdr =
+            NetHeader::new_checked(hdr_bytes, hdr_len).expect("header buffer sized by header_len");
         let kind = hdr.gso_kind();
         // Segmentation implies a partial checksum, so GSO needs CSUM as well as HOST_TSO/USO.
         let wants_csum = hdr.needs_csum() || kind != GsoKind::None;
         if !ctx.features.host_accepts_gso(kind, hdr.gso_ecn())
             || (wants_csum && !ctx.features.host_csum())
         {
-            ctx.stats.tx_drop_unnegotiated += 1;
-            self.log(format_args!(
+            self.log_limit.warn(format_args!(
                 "TX: dropped a frame with flags {:#x} gso_type {:#x} the guest did not negotiate",
                 hdr.flags(),
                 hdr.gso_type()
             ));
-            return Fate::Drop;
+            return Fate::Drop(Refusal::Unnegotiated);
         }
         if wants_csum {
-            // Enough of the frame for Ethernet, two VLAN tags and the largest IP header.
-            let mut head = [0u8; 96];
-            let n = scatter.read_at(hdr_len, &mut head);
-            if let Err(e) = offload::check_tx_header(&hdr, &head[..n], len - hdr_len) {
-                ctx.stats.tx_drop_malformed += 1;
-                self.log(format_args!(
+            if let Err(e) = offload::check_tx_header(&hdr, frame_head, len - hdr_len) {
+                self.log_limit.warn(format_args!(
                     "TX: dropped a frame whose header does not match it: {e}"
                 ));
-                return Fate::Drop;
+                return Fate::Drop(Refusal::Malformed);
             }
         }
-        if let Some(check) = &mut ctx.source_mac {
-            let mut source = [0u8; 6];
-            scatter.read_at(hdr_len + 6, &mut source);
-            if !check.allows(source) {
-                ctx.stats.tx_drop_spoofed += 1;
-                self.log(format_args!("TX: {}", check.refusal(source)));
-                return Fate::Drop;
-            }
+        let mut source = [0u8; 6];
+        source.copy_from_slice(&frame_head[6..12]);
+        if !source_allowed(ctx, &mut self.log_limit, source) {
+            return Fate::Drop(Refusal::Spoofed);
         }
-        let msg = self.msg_iov.len();
+
+        let start = self.carved.len();
+        let copy = slot.as_mut_ptr();
         if kernel_hdr == hdr_len {
-            self.msg_iov.push((false, iovs.start, iovs.end));
+            self.carved.push(iovec {
+                iov_base: copy.cast(),
+                iov_len: copied,
+            });
         } else {
             // A 12-byte guest header on a 10-byte kernel header: skip num_buffers.
             debug_assert_eq!((hdr_len, kernel_hdr), (LEN_MRG, LEN_BASE));
-            let start = self.carved.len();
-            chain::carve(&self.arena[iovs], len, LEN_BASE..LEN_MRG, &mut self.carved);
-            self.msg_iov.push((true, start, self.carved.len()));
+            self.carved.push(iovec {
+                iov_base: copy.cast(),
+                iov_len: LEN_BASE,
+            });
+            self.carved.push(iovec {
+                // Inside the slot: `copied` > LEN_MRG (checked above).
+                iov_base: copy.wrapping_add(LEN_MRG).cast(),
+                iov_len: copied - LEN_MRG,
+            });
         }
+        // The rest of the frame, past the copy, straight from guest memory.
+        chain::carve(&self.arena[iovs], len, 0..copied, &mut self.carved);
+        if self.carved.len() - start > chain::MAX_SEGMENTS {
+            // The copy's iovecs came on top of a chain already at the kernel's limit (no real
+            // driver comes near it: Linux uses some 20 descriptors a frame).
+            self.carved.truncate(start);
+            self.log(format_args!(
+                "TX: chain has too many segments to send with its header copy"
+            ));
+            return Fate::Drop(Refusal::Malformed);
+        }
+        self.msg_iov.push((start, self.carved.len()));
         Fate::Send {
             msg,
             bytes: len - hdr_len,
@@ -368,4 +420,17 @@ impl TxPath {
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
         self.log_limit.warn(args);
     }
+}
+
+/// Whether the guest may send from `source` (the frame's source MAC, as copied); logs a refusal,
+/// which the caller counts.
+fn source_allowed(ctx: &mut TxContext<'_>, log: &mut RateLimit, source: [u8; 6]) -> bool {
+    let Some(check) = &mut ctx.source_mac else {
+        return true;
+    };
+    if check.allows(source) {
+        return true;
+    }
+    log.warn(format_args!("TX: {}", check.refusal(source)));
+    false
 }

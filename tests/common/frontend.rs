@@ -1819,6 +1819,12 @@ impl TestFrontend {
         self.mem().size
     }
 
+    /// A handle on guest memory for another thread: a second vCPU that writes while the backend
+    /// works (the same mapping; writes are plain volatile copies, as a guest's would be).
+    pub fn shared_guest_memory(&self) -> GuestMemoryMmap<()> {
+        self.mem().mem.clone()
+    }
+
     pub fn ring_layout(&self, q: Queue) -> RingLayout {
         self.vq(q).ring
     }
