@@ -544,7 +544,8 @@ impl RxPath {
     fn socket_error<S: FrameSource + ?Sized>(&mut self, ctx: &mut RxContext<'_, S>, e: io::Error) {
         if e.raw_os_error() == Some(libc::ENETDOWN) {
             // Reported once: the link went down (or was down when the socket was bound). No
-            // packet is lost; frames flow again once it comes up.
+            // packet is lost; frames flow again once it comes up. A deleted interface reports
+            // the same, and the interface watch ends the daemon then.
             log::info!("RX: the interface is down; frames flow again when it comes up");
         } else {
             // One packet is gone (see `receive_failed`).
