@@ -1856,6 +1856,33 @@ fn before_its_mac_is_learned_the_guest_receives_broadcast_and_multicast_only() {
 /// then on it is enforced exactly as `--mac` would: another source is dropped and counted,
 /// unicast for it is delivered and for others not. A device reset (GET_VRING_BASE, then the
 /// rings started again) and a new connection learn again.
+/// The guest sends a frame from another source MAC, then one from `GUEST_MAC`: its own goes
+/// out, the spoofed one never does.
+fn spoofed_then_own_frame(
+    rig: &Rig,
+    fe: &mut TestFrontend,
+    cap: &PacketSocket,
+    h: &[u8],
+    what: &str,
+) {
+    let spoofed = ethernet(
+        rig.peer_mac,
+        [0x02, 0, 0, 0, 0, 0x99],
+        ETH_EXPERIMENTAL,
+        &pattern(100, 2),
+    );
+    let own = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 3));
+    send_frame(fe, h, &spoofed);
+    send_frame(fe, h, &own);
+    let mut seen = Vec::new();
+    capture(cap, |f| {
+        seen.push(f.to_vec());
+        f == &own[..]
+    })
+    .unwrap_or_else(|| panic!("{what}: the guest's own frame goes out"));
+    assert!(!seen.contains(&spoofed), "{what}: a spoofed frame went out");
+}
+
 #[test]
 fn the_learned_mac_is_enforced_until_a_reset_or_the_next_connection() {
     let Some(rig) = rig_with_mac(None, &[]) else {
@@ -1871,25 +1898,7 @@ fn the_learned_mac_is_enforced_until_a_reset_or_the_next_connection() {
     rig.daemon.wait_for_log(&learned, T);
     assert_eq!(reported_mac(&rig), mac_text(GUEST_MAC));
 
-    let spoofed = ethernet(
-        rig.peer_mac,
-        [0x02, 0, 0, 0, 0, 0x99],
-        ETH_EXPERIMENTAL,
-        &pattern(100, 2),
-    );
-    let own2 = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 3));
-    send_frame(&mut fe, &h, &spoofed);
-    send_frame(&mut fe, &h, &own2);
-    let mut seen = Vec::new();
-    capture(&cap, |f| {
-        seen.push(f.to_vec());
-        f == &own2[..]
-    })
-    .expect("the guest's own frame goes out");
-    assert!(
-        !seen.contains(&spoofed),
-        "a spoofed frame went out after learning"
-    );
+    spoofed_then_own_frame(&rig, &mut fe, &cap, &h, "after learning");
     assert_eq!(rig.daemon.stats()["tx.drops.spoofed"], 1);
 
     let to = |dst: [u8; 6], seed| ethernet(dst, rig.peer_mac, ETH_EXPERIMENTAL, &pattern(80, seed));
@@ -2052,25 +2061,7 @@ fn a_mac_learned_on_one_queue_pair_holds_for_every_pair() {
     send_frame(&mut fe, &h, &first);
     capture(&cap, |f| f == &first[..]).expect("the first frame goes out on pair 1");
     fe.select_pair(0);
-    let spoofed = ethernet(
-        rig.peer_mac,
-        [0x02, 0, 0, 0, 0, 0x99],
-        ETH_EXPERIMENTAL,
-        &pattern(100, 2),
-    );
-    let own = ethernet(rig.peer_mac, GUEST_MAC, ETH_EXPERIMENTAL, &pattern(100, 3));
-    send_frame(&mut fe, &h, &spoofed);
-    send_frame(&mut fe, &h, &own);
-    let mut seen = Vec::new();
-    capture(&cap, |f| {
-        seen.push(f.to_vec());
-        f == &own[..]
-    })
-    .expect("the guest's frame goes out on pair 0");
-    assert!(
-        !seen.contains(&spoofed),
-        "pair 0 let another source through"
-    );
+    spoofed_then_own_frame(&rig, &mut fe, &cap, &h, "on pair 0");
     let per_pair: Vec<u64> = rig
         .daemon
         .stats_by_pair()

@@ -254,12 +254,11 @@ fn still_serving(rig: &Rig, fe: &mut TestFrontend, pid: u32, what: &str) {
     );
 }
 
-/// Drops the hostile connection and checks a new one works, without hanging the test if the
-/// daemon is wedged.
-fn new_connection_works(rig: &Rig, fe: TestFrontend, pid: u32, what: &str) {
+/// Drops `fe` and waits until the daemon has let go of the connection's rings and memory (it
+/// logs that), failing at once if it died.
+fn disconnect(rig: &Rig, fe: TestFrontend, what: &str) {
     let connected = rig.daemon.log().matches("frontend connected").count();
     drop(fe);
-    // The daemon logs this once it let go of the connection's rings and memory.
     let deadline = Instant::now() + T;
     while rig
         .daemon
@@ -270,11 +269,17 @@ fn new_connection_works(rig: &Rig, fe: TestFrontend, pid: u32, what: &str) {
     {
         assert!(
             Instant::now() < deadline && rig.daemon.is_running(),
-            "{what}: the daemon never finished closing the hostile connection\n{}",
+            "{what}: the daemon never finished closing the connection\n{}",
             log_tail(rig, 30)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Drops the hostile connection and checks a new one works, without hanging the test if the
+/// daemon is wedged.
+fn new_connection_works(rig: &Rig, fe: TestFrontend, pid: u32, what: &str) {
+    disconnect(rig, fe, what);
     let socket = rig.daemon.socket.clone();
     let peer_mac = rig.peer_mac;
     // On its own thread: a wedged daemon would leave the vhost-user handshake blocked forever.
@@ -2016,27 +2021,6 @@ fn tso_frame(fe: &TestFrontend, dst: [u8; 6], gso_size: u16, seed: u32) -> (Vec<
     (h, frame)
 }
 
-/// Drops `fe` and waits until the daemon has let go of its connection.
-fn disconnect(rig: &Rig, fe: TestFrontend) {
-    let connected = rig.daemon.log().matches("frontend connected").count();
-    drop(fe);
-    let deadline = Instant::now() + T;
-    while rig
-        .daemon
-        .log()
-        .matches("connection closed: queue pair 0")
-        .count()
-        < connected
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never closed the connection\n{}",
-            log_tail(rig, 20)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Posts A, an avail entry naming descriptor 300 of the 256-entry ring, and B, and kicks while
 /// the packet socket is full; returns (A, B) once the daemon has been held back by it.
 fn post_behind_a_full_socket(rig: &Rig, fe: &mut TestFrontend) -> (u16, u16) {
@@ -2090,7 +2074,7 @@ fn tx_bad_avail_entry_behind_a_chain_held_back_by_a_full_socket() {
         s["tx.packets"]
     );
     // The chains still waiting go with the connection; the socket stays full.
-    disconnect(&rig, fe);
+    disconnect(&rig, fe, "full socket");
 
     // While the socket is full, GET_VRING_BASE names A: nothing from A on was consumed.
     let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
@@ -2104,7 +2088,7 @@ fn tx_bad_avail_entry_behind_a_chain_held_back_by_a_full_socket() {
         "GET_VRING_BASE while A waits: A is avail entry 0; counters moved {d:?}\n{}",
         log_tail(&rig, 10)
     );
-    disconnect(&rig, fe);
+    disconnect(&rig, fe, "full socket");
 
     // Once the socket drains, A and B go out and come back once each; 300 is counted once.
     let mut fe = guest(&rig.daemon.socket, GUEST_FEATURES, 64);
