@@ -3,7 +3,7 @@
 //! Wire format in both directions with the native 12-byte header (`PACKET_VNET_HDR_SZ=12`):
 //! `[virtio_net_hdr_mrg_rxbuf: 12 bytes][Ethernet frame]`. On TX the kernel reads bytes 0..10 and
 //! ignores `num_buffers`; on RX it writes all 12 bytes with `num_buffers = 0`. The header is in
-//! host byte order (legacy virtio endianness). See `research/kernel-facts.md` §1–3.
+//! host byte order (legacy virtio endianness). See docs/kernel-facts.md.
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -463,7 +463,7 @@ impl PacketSocket {
     /// Sends one packet without blocking: `[kernel vnet header][Ethernet frame]`, gathered from
     /// `iov` in order. Returns the bytes sent *including* the header.
     ///
-    /// Errors (see `research/kernel-facts.md` §2c): `EINVAL` for a malformed header (hdr_len,
+    /// Errors (see docs/kernel-facts.md, "TX"): `EINVAL` for a malformed header (hdr_len,
     /// csum_start/offset beyond the frame, gso_size 0, unknown or mismatched gso_type) or a
     /// packet shorter than header + 14 bytes; `EMSGSIZE` for a non-GSO frame over MTU + 14;
     /// `ENOBUFS` when the device dropped it; `WouldBlock` when the send buffer is full. In
