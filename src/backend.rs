@@ -22,8 +22,7 @@ use vmm_sys_util::event::{
 use crate::affinity;
 use crate::config::MacAddr;
 use crate::datapath::{EventRegistry, GuestMac, GuestMemory, QueuePair, BUSY_SLICE};
-use crate::packet::socket::FanoutHandle;
-use crate::packet::steering;
+use crate::packet::fanout::{FanoutHandle, Steering};
 use crate::relay::RingSwitch;
 use crate::stats::PairStats;
 use crate::virtio::config_space::NetConfigSpace;
@@ -62,61 +61,6 @@ struct Shared {
     connection: Mutex<Option<ShutdownHandle>>,
 }
 
-/// The pairs whose RX ring is enabled, and the fanout program that hands frames to them alone.
-struct Steering {
-    /// The pairs' fanout group; `None` with a single pair, which needs none.
-    group: Option<FanoutHandle>,
-    rx_enabled: Vec<bool>,
-    /// The guest acked VIRTIO_NET_F_MQ. Without it the device has one pair (virtio 1.x,
-    /// 5.1.2), whatever the rings' states: a frontend without PROTOCOL_FEATURES has every
-    /// ring enabled, used or not.
-    mq: bool,
-}
-
-impl Steering {
-    /// Records pair `pair`'s RX state and, if the set changed, reprograms the group.
-    fn set(&mut self, pair: usize, enabled: bool) {
-        let Some(slot) = self.rx_enabled.get_mut(pair) else {
-            return;
-        };
-        if std::mem::replace(slot, enabled) == enabled {
-            return;
-        }
-        self.apply();
-    }
-
-    fn set_all(&mut self, enabled: bool) {
-        if self.rx_enabled.iter().all(|&e| e == enabled) {
-            return;
-        }
-        self.rx_enabled.iter_mut().for_each(|e| *e = enabled);
-        self.apply();
-    }
-
-    fn set_mq(&mut self, mq: bool) {
-        if std::mem::replace(&mut self.mq, mq) != mq {
-            self.apply();
-        }
-    }
-
-    fn apply(&self) {
-        let Some(group) = &self.group else {
-            return;
-        };
-        let enabled: Vec<usize> = (0..self.rx_enabled.len())
-            .filter(|&i| self.rx_enabled[i] && (i == 0 || self.mq))
-            .collect();
-        match group.set_program(&steering::program(&enabled)) {
-            Ok(()) => info!(
-                "receiving on queue pairs {:?} of {}",
-                enabled,
-                self.rx_enabled.len()
-            ),
-            Err(e) => warn!("steering frames to queue pairs {enabled:?}: {e}"),
-        }
-    }
-}
-
 /// The vhost-user net backend. Cloning shares it: one instance serves every connection in turn,
 /// keeping its packet sockets.
 #[derive(Clone)]
@@ -136,13 +80,7 @@ impl NetBackend {
         config: NetConfigSpace,
         affinity: Option<Vec<usize>>,
     ) -> NetBackend {
-        let steering = Steering {
-            group,
-            rx_enabled: vec![false; pairs.len()],
-            mq: false,
-        };
-        // Until a frontend enables a pair, every frame goes to pair 0, as with one pair.
-        steering.apply();
+        let steering = Steering::new(group, pairs.len());
         NetBackend {
             shared: Arc::new(Shared {
                 waiting: pairs.iter().map(|_| AtomicUsize::new(0)).collect(),

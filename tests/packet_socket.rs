@@ -1113,14 +1113,14 @@ fn check_spread(got: &[Vec<(u16, u32)>], frames: usize) -> std::collections::BTr
 
 #[test]
 fn fanout_steers_each_flow_to_one_enabled_member_also_after_a_link_flap() {
-    use vhost_packet::packet::steering;
+    use vhost_packet::packet::fanout;
     let Some(t) = topology(&["ip"]) else { return };
     let members = fanout_members(&t, 3);
     let inject = t.b.enter_thread(|| RawSock::open(B_IF, true));
 
     // Members 0 and 2 enabled: 32 flows of 3 frames spread over both, none reaches 1.
     members[0]
-        .set_fanout_program(&steering::program(&[0, 2]))
+        .set_fanout_program(&fanout::program(&[0, 2]))
         .unwrap();
     send_flows(&inject, t.b_mac, 0..32, 3, 0);
     let got = drain_members(&members, 96);
@@ -1129,7 +1129,7 @@ fn fanout_steers_each_flow_to_one_enabled_member_also_after_a_link_flap() {
 
     // Only member 1: everything goes there.
     members[2]
-        .set_fanout_program(&steering::program(&[1]))
+        .set_fanout_program(&fanout::program(&[1]))
         .unwrap();
     send_flows(&inject, t.b_mac, 0..32, 1, 1000);
     let used = check_spread(&drain_members(&members, 32), 32);
@@ -1138,7 +1138,7 @@ fn fanout_steers_each_flow_to_one_enabled_member_also_after_a_link_flap() {
     // The kernel takes the members out of the group while the link is down and puts them
     // back when it comes up: the program's indices must still name the same sockets.
     members[0]
-        .set_fanout_program(&steering::program(&[2]))
+        .set_fanout_program(&fanout::program(&[2]))
         .unwrap();
     t.a.ip(&["link", "set", A_IF, "down"]);
     t.a.ip(&["link", "set", A_IF, "up"]);
@@ -1171,11 +1171,11 @@ fn raw_join(sock: &RawSock, id: u16, type_flags: u32) {
 
 #[test]
 fn fanout_group_never_receives_what_leaves_the_interface() {
-    use vhost_packet::packet::steering;
+    use vhost_packet::packet::fanout;
     let Some(t) = topology(&["ip"]) else { return };
     let members = fanout_members(&t, 2);
     members[0]
-        .set_fanout_program(&steering::program(&[0, 1]))
+        .set_fanout_program(&fanout::program(&[0, 1]))
         .unwrap();
     // Control: a group made without PACKET_FANOUT_FLAG_IGNORE_OUTGOING, whose members set
     // PACKET_IGNORE_OUTGOING themselves, does receive what the host sends: the option has no

@@ -6,7 +6,8 @@ use std::mem;
 use std::os::fd::{AsFd, AsRawFd};
 
 use super::interface::Interface;
-use super::socket::{bind_to, open_raw, setsockopt_int, VNET_HDR_LEN, VNET_HDR_MRG_LEN};
+use super::socket::{VNET_HDR_LEN, VNET_HDR_MRG_LEN};
+use super::sys::{bind_to, open_raw, setsockopt_int};
 use crate::wire::checksum::{pseudo_header_v4, Checksum};
 
 /// Whether AF_PACKET TX accepts `VIRTIO_NET_HDR_GSO_UDP_L4` (USO) in the vnet header.

@@ -5,14 +5,19 @@
 //! ignores `num_buffers`; on RX it writes all 12 bytes with `num_buffers = 0`. The header is in
 //! host byte order (legacy virtio endianness). See docs/kernel-facts.md.
 
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_int, c_uint};
 use std::io::{self, IoSlice, IoSliceMut};
-use std::mem::{self, MaybeUninit};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::error::{MacDisplay, Membership, PacketError};
+pub use super::filter::DestinationFilter;
 use super::interface::Interface;
+use super::sys::{
+    bind_to, getsockopt_int, open_raw, packet_statistics, set_membership, set_program,
+    setsockopt_int,
+};
 
 /// `struct virtio_net_hdr`: what the kernel reads/writes in [`VnetMode::Legacy10`].
 pub const VNET_HDR_LEN: usize = 10;
@@ -60,18 +65,6 @@ pub struct SocketOptions {
     pub guest_mac: [u8; 6],
     /// Use `PACKET_VNET_HDR` (10 bytes) even if `PACKET_VNET_HDR_SZ` is available.
     pub force_legacy_vnet_hdr: bool,
-}
-
-/// Which frames a packet socket lets through, by destination MAC
-/// ([`PacketSocket::set_destination_filter`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DestinationFilter {
-    /// Every frame (`--promisc`).
-    Everything,
-    /// Group addresses only: broadcast and multicast (the guest's MAC is not known yet).
-    Group,
-    /// Group addresses and frames for this MAC.
-    GroupAnd([u8; 6]),
 }
 
 /// Result of [`PacketSocket::recv`].
@@ -369,22 +362,7 @@ impl PacketSocket {
     /// Takes the socket's pending error (`SO_ERROR`), if any: e.g. `ENETDOWN` once the link
     /// went down. It keeps the socket readable until taken or met by a receive.
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
-        let mut err: c_int = 0;
-        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
-        // SAFETY: SO_ERROR writes one int through the pointer, which points at `err`, and its
-        // size through `len`.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut err as *mut c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let err = getsockopt_int(self.fd.as_fd(), libc::SOL_SOCKET, libc::SO_ERROR)?;
         Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
     }
 
@@ -564,55 +542,17 @@ impl PacketSocket {
             value: i32::from(filter != DestinationFilter::Everything),
             source,
         };
-        let (unicast, group);
-        let program: &[libc::sock_filter] = match filter {
-            DestinationFilter::GroupAnd(mac) => {
-                unicast = destination_filter(mac);
-                &unicast
+        let fd = self.fd.as_fd();
+        match filter.program() {
+            Some(program) => {
+                set_program(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &program).map_err(err)
             }
-            DestinationFilter::Group => {
-                group = group_filter();
-                &group
-            }
-            DestinationFilter::Everything => {
-                // SAFETY: SO_DETACH_FILTER takes no argument; a zero int is a valid optval.
-                let rc = unsafe {
-                    libc::setsockopt(
-                        self.fd.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_DETACH_FILTER,
-                        (&0 as *const c_int).cast::<c_void>(),
-                        mem::size_of::<c_int>() as libc::socklen_t,
-                    )
-                };
-                // ENOENT: there was no filter, which is what was asked for.
-                return match rc {
-                    0 => Ok(()),
-                    _ => match io::Error::last_os_error() {
-                        e if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                        e => Err(err(e)),
-                    },
-                };
-            }
-        };
-        let fprog = libc::sock_fprog {
-            len: program.len() as u16,
-            filter: program.as_ptr().cast_mut(),
-        };
-        // SAFETY: `fprog` points at `program`, alive across the call; the kernel copies it.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&fprog as *const libc::sock_fprog).cast::<c_void>(),
-                mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(err(io::Error::last_os_error()));
+            // ENOENT: there was no filter, which is what was asked for.
+            None => match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, 0) {
+                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(err(e)),
+                _ => Ok(()),
+            },
         }
-        Ok(())
     }
 
     /// Turns the promiscuous membership on or off (counted like the unicast ones).
@@ -635,24 +575,7 @@ impl PacketSocket {
             }
             Membership::Promisc => mreq.mr_type = libc::PACKET_MR_PROMISC as u16,
         }
-        let opt = if add {
-            libc::PACKET_ADD_MEMBERSHIP
-        } else {
-            libc::PACKET_DROP_MEMBERSHIP
-        };
-        // SAFETY: `mreq` is a fully initialised packet_mreq that outlives the call, and the
-        // length passed is exactly its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                opt,
-                (&mreq as *const libc::packet_mreq).cast::<c_void>(),
-                mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            let source = io::Error::last_os_error();
+        if let Err(source) = set_membership(self.fd.as_fd(), add, &mreq) {
             let iface = self.iface_name.clone();
             return Err(if add {
                 PacketError::AddMembership {
@@ -683,24 +606,7 @@ impl PacketSocket {
     /// the dropped ones; `tp_drops` counts those dropped because the receive buffer was full
     /// (or a vnet header could not be built).
     pub fn drops(&self) -> io::Result<(u32, u32)> {
-        let mut stats = MaybeUninit::<libc::tpacket_stats>::zeroed();
-        let mut len = mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
-        // SAFETY: `stats` is writable memory of `len` bytes and `len` is a valid in/out length.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_STATISTICS,
-                stats.as_mut_ptr().cast::<c_void>(),
-                &mut len,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: zero-initialised and partly overwritten by the kernel: every bit pattern is a
-        // valid pair of u32.
-        let stats = unsafe { stats.assume_init() };
+        let stats = packet_statistics(self.fd.as_fd())?;
         Ok((stats.tp_packets, stats.tp_drops))
     }
 
@@ -710,81 +616,6 @@ impl PacketSocket {
         let rcv = getsockopt_int(self.fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)?;
         let snd = getsockopt_int(self.fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF)?;
         Ok((rcv.max(0) as usize, snd.max(0) as usize))
-    }
-
-    /// Joins fanout group `group` on this socket's interface, or with `None` creates one with
-    /// an id the kernel picks among those unused in this network namespace
-    /// (`PACKET_FANOUT_FLAG_UNIQUEID`). Returns the group's id, for the other members.
-    ///
-    /// A fixed id, or one derived from the pid and the interface, could be the id of another
-    /// program's group of the same kind on the same interface; joining it would split both
-    /// programs' traffic between them. A kernel-picked id cannot collide.
-    ///
-    /// The group is `PACKET_FANOUT_CBPF` (the program comes later, see
-    /// [`PacketSocket::set_fanout_program`]; until then every frame goes to the first member)
-    /// with `PACKET_FANOUT_FLAG_IGNORE_OUTGOING`: once in a group, a member's own
-    /// `PACKET_IGNORE_OUTGOING` no longer applies (the group's hook receives for all members),
-    /// so without the flag whatever the host, another socket or a software-segmented GSO frame
-    /// of ours sends on the interface would reach a guest. The flag is honoured since Linux 6.2;
-    /// older kernels accept and ignore it. Never `PACKET_FANOUT_FLAG_DEFRAG`: it reassembles IP
-    /// fragments into datagrams larger than the MTU, which a guest would get as one frame it
-    /// never asked for.
-    ///
-    /// Members keep their place in join order (the kernel also re-adds them in creation order
-    /// after the interface goes down and up). A socket leaves its group only when it is closed.
-    pub fn join_fanout(&self, group: Option<u16>) -> Result<u16, PacketError> {
-        let unique = if group.is_none() {
-            libc::PACKET_FANOUT_FLAG_UNIQUEID
-        } else {
-            0
-        };
-        let type_flags =
-            libc::PACKET_FANOUT_CBPF | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING | unique;
-        // `id | type_flags << 16`; without DEFRAG (0x8000) it stays below i32::MAX.
-        let value = (u32::from(group.unwrap_or(0)) | (type_flags << 16)) as c_int;
-        let err = |source| PacketError::SetOption {
-            iface: self.iface_name.clone(),
-            option: "PACKET_FANOUT",
-            value,
-            source,
-        };
-        setsockopt_int(
-            self.fd.as_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_FANOUT,
-            value,
-        )
-        .map_err(err)?;
-        match self.fanout_group() {
-            Ok(Some(id)) => Ok(id),
-            Ok(None) => Err(err(io::Error::other(
-                "the kernel reports no fanout group after joining one",
-            ))),
-            Err(e) => Err(err(e)),
-        }
-    }
-
-    /// The id of the fanout group this socket is in, if any (`getsockopt(PACKET_FANOUT)`).
-    pub fn fanout_group(&self) -> io::Result<Option<u16>> {
-        let v = getsockopt_int(self.fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT)?;
-        // id in bits 0..16, type in 16..24, flags in 24..32; 0 when in no group.
-        Ok((v != 0).then_some((v as u32 & 0xffff) as u16))
-    }
-
-    /// Replaces the program of this socket's fanout group (`PACKET_FANOUT_DATA`; the kernel
-    /// swaps it atomically for all members). Its result is the index of the member, in join
-    /// order, that gets the frame.
-    pub fn set_fanout_program(&self, program: &[libc::sock_filter]) -> Result<(), PacketError> {
-        set_fanout_program(self.fd.as_fd(), &self.iface_name, program)
-    }
-
-    /// A handle on this socket's fanout group, to change its program from another thread
-    /// without sharing the socket (a duplicate of the descriptor).
-    pub fn fanout_handle(&self) -> io::Result<FanoutHandle> {
-        Ok(FanoutHandle {
-            fd: self.fd.try_clone()?,
-            iface_name: self.iface_name.clone(),
-        })
     }
 
     /// Receives and discards up to `max` queued frames without blocking; returns how many.
@@ -806,58 +637,6 @@ impl PacketSocket {
         }
         n
     }
-}
-
-/// A duplicate descriptor of a fanout group member, to replace the group's program.
-#[derive(Debug)]
-pub struct FanoutHandle {
-    fd: OwnedFd,
-    iface_name: String,
-}
-
-impl FanoutHandle {
-    /// See [`PacketSocket::set_fanout_program`].
-    pub fn set_program(&self, program: &[libc::sock_filter]) -> Result<(), PacketError> {
-        set_fanout_program(self.fd.as_fd(), &self.iface_name, program)
-    }
-}
-
-fn set_fanout_program(
-    fd: BorrowedFd<'_>,
-    iface: &str,
-    program: &[libc::sock_filter],
-) -> Result<(), PacketError> {
-    let err = |source| PacketError::SetOption {
-        iface: iface.to_owned(),
-        option: "PACKET_FANOUT_DATA",
-        value: c_int::try_from(program.len()).unwrap_or(c_int::MAX),
-        source,
-    };
-    let len = u16::try_from(program.len()).map_err(|_| {
-        err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a classic BPF program has at most 4096 instructions",
-        ))
-    })?;
-    let fprog = libc::sock_fprog {
-        len,
-        filter: program.as_ptr().cast_mut(),
-    };
-    // SAFETY: `fprog` points at `program`, alive across the call; the kernel copies it and
-    // never writes through the pointer.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_FANOUT_DATA,
-            (&fprog as *const libc::sock_fprog).cast::<c_void>(),
-            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(err(io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 impl AsRawFd for PacketSocket {
@@ -916,217 +695,5 @@ fn set_buffer_size(fd: BorrowedFd<'_>, iface: &str, rcv: bool) -> Result<(), Pac
                 .map_err(|e| err(plain_name, e))
         }
         Err(e) => Err(err(force_name, e)),
-    }
-}
-
-/// A raw packet socket that receives nothing until bound with a protocol.
-pub(super) fn open_raw() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call with constant arguments; no pointers involved.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` was just returned by socket(2), is open and owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// Binds a packet socket to an interface; `protocol` (host order) 0 means send-only.
-pub(super) fn bind_to(fd: BorrowedFd<'_>, ifindex: u32, protocol: u16) -> io::Result<()> {
-    let addr = libc::sockaddr_ll {
-        sll_family: libc::AF_PACKET as u16,
-        sll_protocol: protocol.to_be(),
-        sll_ifindex: ifindex as c_int,
-        sll_hatype: 0,
-        sll_pkttype: 0,
-        sll_halen: 0,
-        sll_addr: [0; 8],
-    };
-    // SAFETY: `addr` is a fully initialised sockaddr_ll that outlives the call, and the length
-    // passed is exactly its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
-            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-pub(super) fn setsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: c_int,
-    name: c_int,
-    value: c_int,
-) -> io::Result<()> {
-    // SAFETY: `value` is a c_int living across the call and the length is its size; the kernel
-    // only reads it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const c_int).cast::<c_void>(),
-            mem::size_of::<c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn getsockopt_int(fd: BorrowedFd<'_>, level: c_int, name: c_int) -> io::Result<c_int> {
-    let mut value: c_int = 0;
-    let mut len = mem::size_of::<c_int>() as libc::socklen_t;
-    // SAFETY: `value` is writable memory of `len` bytes and `len` is a valid in/out length.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut c_int).cast::<c_void>(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(value)
-    }
-}
-
-/// Classic BPF over the Ethernet header: accept a group address (I/G bit, broadcast included),
-/// drop the rest.
-fn group_filter() -> [libc::sock_filter; 4] {
-    [
-        bpf(LD_B, 0, 0, 0),       // 0: A = first octet of the destination
-        bpf(JSET, 0, 1, 1),       // 1: group address -> 2, else 3
-        bpf(RET, 0, 0, u32::MAX), // 2: accept the whole frame
-        bpf(RET, 0, 0, 0),        // 3: drop
-    ]
-}
-
-// Classic BPF opcodes the destination filters use.
-const LD_B: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
-const LD_H: u16 = 0x28; // BPF_LD | BPF_H | BPF_ABS
-const LD_W: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
-const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-const RET: u16 = 0x06; // BPF_RET | BPF_K
-
-/// One instruction; jump offsets count from the next instruction.
-fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
-/// Classic BPF over the Ethernet header: accept a group address (I/G bit, broadcast included)
-/// or exactly `mac`, drop the rest.
-fn destination_filter(mac: [u8; 6]) -> [libc::sock_filter; 8] {
-    let op = bpf;
-    let first4 = u32::from_be_bytes([mac[0], mac[1], mac[2], mac[3]]);
-    let last2 = u32::from(u16::from_be_bytes([mac[4], mac[5]]));
-    [
-        op(LD_B, 0, 0, 0),       // 0: A = first octet of the destination
-        op(JSET, 4, 0, 1),       // 1: group address -> 6 (accept)
-        op(LD_W, 0, 0, 0),       // 2: A = octets 0..4
-        op(JEQ, 0, 3, first4),   // 3: not ours -> 7 (drop)
-        op(LD_H, 0, 0, 4),       // 4: A = octets 4..6
-        op(JEQ, 0, 1, last2),    // 5: ours -> 6, else 7
-        op(RET, 0, 0, u32::MAX), // 6: accept the whole frame
-        op(RET, 0, 0, 0),        // 7: drop
-    ]
-}
-
-#[cfg(test)]
-mod filter_tests {
-    use super::*;
-
-    /// Runs the few classic BPF instructions the filter uses.
-    fn run(prog: &[libc::sock_filter], frame: &[u8]) -> u32 {
-        let (mut pc, mut a) = (0usize, 0u32);
-        loop {
-            let i = prog[pc];
-            let k = i.k as usize;
-            match i.code {
-                0x30 => a = u32::from(frame[k]),
-                0x28 => a = u32::from(u16::from_be_bytes([frame[k], frame[k + 1]])),
-                0x20 => a = u32::from_be_bytes(frame[k..k + 4].try_into().unwrap()),
-                0x45 | 0x15 => {
-                    let taken = if i.code == 0x45 {
-                        a & i.k != 0
-                    } else {
-                        a == i.k
-                    };
-                    pc += usize::from(if taken { i.jt } else { i.jf });
-                }
-                0x06 => return i.k,
-                other => panic!("unexpected opcode {other:#x}"),
-            }
-            pc += 1;
-        }
-    }
-
-    #[test]
-    fn destination_filter_keeps_the_guest_broadcast_and_multicast() {
-        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
-        let prog = destination_filter(mac);
-        let frame = |dst: [u8; 6]| {
-            let mut f = dst.to_vec();
-            f.extend_from_slice(&[0; 8]);
-            f
-        };
-        assert_eq!(run(&prog, &frame(mac)), u32::MAX);
-        assert_eq!(run(&prog, &frame([0xff; 6])), u32::MAX, "broadcast");
-        assert_eq!(
-            run(&prog, &frame([0x01, 0, 0x5e, 0, 0, 1])),
-            u32::MAX,
-            "IPv4 multicast"
-        );
-        assert_eq!(
-            run(&prog, &frame([0x33, 0x33, 0, 0, 0, 1])),
-            u32::MAX,
-            "IPv6 multicast"
-        );
-        assert_eq!(
-            run(&prog, &frame([0x02, 0x11, 0x22, 0x33, 0x44, 0x56])),
-            0,
-            "last octet differs"
-        );
-        assert_eq!(
-            run(&prog, &frame([0x02, 0x11, 0x22, 0x34, 0x44, 0x55])),
-            0,
-            "first four differ"
-        );
-        assert_eq!(
-            run(&prog, &frame([0x52, 0x54, 0, 0, 0, 1])),
-            0,
-            "someone else"
-        );
-    }
-
-    #[test]
-    fn group_filter_keeps_broadcast_and_multicast_only() {
-        let prog = group_filter();
-        let frame = |dst: [u8; 6]| {
-            let mut f = dst.to_vec();
-            f.extend_from_slice(&[0; 8]);
-            f
-        };
-        assert_eq!(run(&prog, &frame([0xff; 6])), u32::MAX, "broadcast");
-        assert_eq!(run(&prog, &frame([0x33, 0x33, 0, 0, 0, 1])), u32::MAX);
-        assert_eq!(run(&prog, &frame([0x01, 0, 0x5e, 0, 0, 1])), u32::MAX);
-        assert_eq!(run(&prog, &frame([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])), 0);
-        assert_eq!(run(&prog, &frame([0x52, 0x54, 0, 0x12, 0x34, 0x56])), 0);
     }
 }
