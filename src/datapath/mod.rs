@@ -429,7 +429,7 @@ impl QueuePair {
             let pass = self.tx.process(&mut TxContext {
                 queue: state.get_queue_mut(),
                 mem: &mem,
-                socket: &self.socket,
+                socket: &*self.socket,
                 features: self.features,
                 stats: &mut self.stats,
                 source_mac: self.guest_mac.source_check(),
@@ -494,7 +494,7 @@ impl QueuePair {
         let pass = self.tx.discard(&mut TxContext {
             queue: state.get_queue_mut(),
             mem: &mem,
-            socket: &self.socket,
+            socket: &*self.socket,
             features: self.features,
             stats: &mut self.stats,
             source_mac: None,

@@ -8,6 +8,9 @@
 //! any time (another vCPU); what was decided on is what the kernel reads. A frame the kernel
 //! refuses is a counted drop; `EAGAIN` keeps the unsent chains (rewound into the avail ring) and
 //! waits for the socket to become writable. Used elements are published once per batch.
+//!
+//! The socket is reached through [`FrameSink`], so that tests and the `tx_reader` fuzz target
+//! drive the same code with a scripted sink.
 
 use std::io;
 use std::time::Duration;
@@ -112,11 +115,38 @@ impl Default for TxPath {
     }
 }
 
+/// Where sent frames go: the packet socket, or a scripted sink in tests.
+pub trait FrameSink {
+    /// Bytes of virtio header the sink expects before each frame (10 or 12).
+    fn kernel_vnet_header_len(&self) -> usize;
+    /// Sends messages in order, as `sendmmsg` does: `Ok(n)` with `1 <= n <= msgs.len()`, the
+    /// first `n` went (message `n`, if any, failed and its error is lost); `Err(e)`, the first
+    /// message failed with `e` (`WouldBlock`: the sink is full, nothing went). `Ok(0)` only for
+    /// an empty `msgs`.
+    ///
+    /// # Safety
+    ///
+    /// Every message's iovecs must point to memory valid for reads of their lengths for the
+    /// duration of the call.
+    unsafe fn send_batch(&self, msgs: &mut [mmsghdr]) -> io::Result<usize>;
+}
+
+impl FrameSink for PacketSocket {
+    fn kernel_vnet_header_len(&self) -> usize {
+        PacketSocket::kernel_vnet_header_len(self)
+    }
+
+    unsafe fn send_batch(&self, msgs: &mut [mmsghdr]) -> io::Result<usize> {
+        // SAFETY: the caller upholds the same contract as `PacketSocket::send_batch`'s.
+        unsafe { PacketSocket::send_batch(self, msgs) }
+    }
+}
+
 /// What one pass needs besides its own state.
-pub struct TxContext<'a> {
+pub struct TxContext<'a, S: FrameSink + ?Sized = PacketSocket> {
     pub queue: &'a mut Queue,
     pub mem: &'a GuestMemoryMmap,
-    pub socket: &'a PacketSocket,
+    pub socket: &'a S,
     pub features: Negotiated,
     pub stats: &'a mut PairStats,
     /// What the guest's source MAC is checked against (and learned from); `None` allows any.
@@ -134,7 +164,7 @@ impl TxPath {
         self.notify = NotifyState::default();
     }
 
-    pub fn process(&mut self, ctx: &mut TxContext<'_>) -> TxPass {
+    pub fn process<S: FrameSink + ?Sized>(&mut self, ctx: &mut TxContext<'_, S>) -> TxPass {
         let addrs = RingAddrs {
             avail: GuestAddress(ctx.queue.avail_ring()),
             used: GuestAddress(ctx.queue.used_ring()),
@@ -165,7 +195,7 @@ impl TxPath {
     /// packets"): every chain the guest made available is given back unsent and counted in
     /// `tx_drop_disabled`; nothing reaches the socket. At most one ring's worth per pass, so a
     /// guest that keeps adding cannot hold the worker.
-    pub fn discard(&mut self, ctx: &mut TxContext<'_>) -> TxPass {
+    pub fn discard<S: FrameSink + ?Sized>(&mut self, ctx: &mut TxContext<'_, S>) -> TxPass {
         let size = ctx.queue.size();
         let addrs = RingAddrs {
             avail: GuestAddress(ctx.queue.avail_ring()),
@@ -192,7 +222,11 @@ impl TxPath {
     }
 
     /// Makes the pushed used elements visible; returns whether the guest wants an interrupt.
-    fn publish(&mut self, ctx: &mut TxContext<'_>, used: &mut UsedRing) -> bool {
+    fn publish<S: FrameSink + ?Sized>(
+        &mut self,
+        ctx: &mut TxContext<'_, S>,
+        used: &mut UsedRing,
+    ) -> bool {
         let mut notify = false;
         match used.publish(ctx.mem) {
             Ok(true) => {
@@ -208,7 +242,11 @@ impl TxPath {
     }
 
     /// Pops, checks and sends one batch. Returns (chains popped, chains left unsent by EAGAIN).
-    fn send_batch(&mut self, ctx: &mut TxContext<'_>, used: &mut UsedRing) -> (usize, usize) {
+    fn send_batch<S: FrameSink + ?Sized>(
+        &mut self,
+        ctx: &mut TxContext<'_, S>,
+        used: &mut UsedRing,
+    ) -> (usize, usize) {
         self.arena.clear();
         self.carved.clear();
         self.entries.clear();
@@ -328,9 +366,9 @@ impl TxPath {
 
     /// Copies a chain's header and frame head, checks the copy and prepares its message (the
     /// copy, then the rest of the chain), or decides to drop it.
-    fn check(
+    fn check<S: FrameSink + ?Sized>(
         &mut self,
-        ctx: &mut TxContext<'_>,
+        ctx: &mut TxContext<'_, S>,
         iovs: std::ops::Range<usize>,
         len: usize,
         hdr_len: usize,
@@ -424,7 +462,11 @@ impl TxPath {
 
 /// Whether the guest may send from `source` (the frame's source MAC, as copied); logs a refusal,
 /// which the caller counts.
-fn source_allowed(ctx: &mut TxContext<'_>, log: &mut RateLimit, source: [u8; 6]) -> bool {
+fn source_allowed<S: FrameSink + ?Sized>(
+    ctx: &mut TxContext<'_, S>,
+    log: &mut RateLimit,
+    source: [u8; 6],
+) -> bool {
     let Some(check) = &mut ctx.source_mac else {
         return true;
     };
