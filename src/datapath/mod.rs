@@ -6,6 +6,8 @@ pub mod mac;
 pub mod offload;
 pub mod rx;
 pub mod segment;
+#[cfg(test)]
+mod test_ring;
 pub mod tx;
 
 use std::io;
