@@ -8,19 +8,22 @@
 pub mod chain;
 pub mod header;
 pub mod input;
+pub mod ring;
 pub mod rx_writer;
 pub mod seeds;
 pub mod segment;
+pub mod tx_reader;
 
 /// A target's entry point.
 pub type Target = fn(&[u8]);
 
 /// Every target by name.
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("header", header::run),
     ("chain", chain::run),
     ("rx_writer", rx_writer::run),
     ("segment", segment::run),
+    ("tx_reader", tx_reader::run),
 ];
 
 #[cfg(test)]
@@ -103,6 +106,10 @@ mod tests {
                 let parsed = rx_writer::RxInput::parse(&data);
                 assert_eq!(parsed.encode(), data, "{name}");
             }
+            if target == "tx_reader" {
+                let parsed = tx_reader::TxInput::parse(&data);
+                assert_eq!(parsed.encode(), data, "{name}");
+            }
         }
     }
 
@@ -141,6 +148,47 @@ mod seed_paths {
                 s.rx_drop_offload,
                 s.rx_drop_kernel
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tx_seed_paths {
+    use crate::{seeds, tx_reader};
+
+    /// What each TX seed is for actually happens.
+    #[test]
+    fn tx_seeds_reach_their_paths() {
+        for (target, name, data) in seeds::all() {
+            if target != "tx_reader" {
+                continue;
+            }
+            let s = tx_reader::run_input(&tx_reader::TxInput::parse(&data));
+            eprintln!(
+                "{name}: packets {} gso {} malformed {} unnegotiated {} spoofed {} oversize {} kernel {} disabled {} backpressure {}",
+                s.tx_packets,
+                s.tx_gso,
+                s.tx_drop_malformed,
+                s.tx_drop_unnegotiated,
+                s.tx_drop_spoofed,
+                s.tx_drop_oversize,
+                s.tx_drop_kernel,
+                s.tx_drop_disabled,
+                s.tx_backpressure
+            );
+            let reached = match name.as_str() {
+                "eagain_then_resumed" => s.tx_backpressure > 0,
+                "refusals_and_partial_sends" => s.tx_drop_kernel > 0 && s.tx_drop_oversize > 0,
+                "malformed_chains_wrapping_indices" => s.tx_drop_malformed > 0,
+                "offloads_not_negotiated" => s.tx_drop_unnegotiated > 0,
+                "disabled_then_enabled" => s.tx_drop_disabled > 0,
+                "source_checked" => s.tx_drop_spoofed > 0,
+                _ => true,
+            };
+            assert!(reached && s.tx_packets > 0, "{name} misses its path");
+            if name == "well_formed_mix" {
+                assert!(s.tx_gso > 0, "{name} sends no GSO frame");
+            }
         }
     }
 }

@@ -8,12 +8,16 @@ use std::path::{Path, PathBuf};
 use crate::chain::{Desc, F_INDIRECT, F_NEXT, F_WRITE};
 use crate::input::Writer;
 use crate::rx_writer::{ChainKind, ChainSpec, FrameSpec, Round, RxInput};
+use crate::tx_reader::{Step, TxChain, TxInput, TxRound};
 
 // Feature bits (virtio 1.2, 5.1.3).
+const CSUM: u64 = 1 << 0;
 const GUEST_CSUM: u64 = 1 << 1;
 const GUEST_TSO4: u64 = 1 << 7;
 const GUEST_TSO6: u64 = 1 << 8;
 const GUEST_ECN: u64 = 1 << 9;
+const HOST_TSO4: u64 = 1 << 11;
+const HOST_TSO6: u64 = 1 << 12;
 const MRG_RXBUF: u64 = 1 << 15;
 const EVENT_IDX: u64 = 1 << 29;
 const VERSION_1: u64 = 1 << 32;
@@ -93,6 +97,9 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     for (name, data) in segment() {
         out.push(("segment", name, data));
+    }
+    for (name, data) in tx_reader() {
+        out.push(("tx_reader", name, data));
     }
     out
 }
@@ -749,6 +756,222 @@ fn segment() -> Vec<(String, Vec<u8>)> {
         crate::segment::encode(&f.vnet, false, Some(5), &f.input),
     ));
     out
+}
+
+/// A TX chain of `kind` over descriptors `lens` holding `header` and `data`.
+fn tx_chain(kind: ChainKind, lens: &[u16], header: [u8; 12], data: &[u8]) -> TxChain {
+    TxChain {
+        spec: ChainSpec {
+            kind,
+            lens: lens.to_vec(),
+        },
+        header,
+        data: data.to_vec(),
+    }
+}
+
+/// A well-formed chain holding exactly a header and `data`, split after the first `split`
+/// bytes (0: one descriptor).
+fn tx_frame(header: [u8; 12], data: &[u8], split: u16) -> TxChain {
+    let total = 12 + data.len() as u16;
+    let lens = if split == 0 || split >= total {
+        vec![total]
+    } else {
+        vec![split, total - split]
+    };
+    tx_chain(ChainKind::Direct, &lens, header, data)
+}
+
+fn tx_round(chains: Vec<TxChain>, steps: Vec<Step>) -> TxRound {
+    TxRound {
+        chains,
+        steps,
+        ..TxRound::default()
+    }
+}
+
+fn tx_reader() -> Vec<(String, Vec<u8>)> {
+    let tcp4 = fixture("tcp4");
+    let udp4 = fixture("udp4");
+    let plain = [0u8; 12];
+    let offloads = VERSION_1 | CSUM | HOST_TSO4 | HOST_TSO6;
+    let base = TxInput {
+        features: offloads,
+        queue_log2: 8,
+        ..TxInput::default()
+    };
+    let with = |features: u64, rounds: Vec<TxRound>| TxInput {
+        features,
+        rounds,
+        ..base.clone()
+    };
+    // Small frames, header split anywhere, a TSO frame longer than the header copy.
+    let mix = || {
+        vec![
+            tx_frame(plain, &small_frame(60), 0),
+            tx_frame(plain, &small_frame(100), 12),
+            tx_frame(plain, &small_frame(100), 5),
+            tx_frame(tcp4.vnet, &tcp4.input, 40),
+            tx_frame(plain, &small_frame(300), 200),
+            tx_chain(
+                ChainKind::Indirect,
+                &[6, 6, 100, 2000],
+                plain,
+                &small_frame(80),
+            ),
+        ]
+    };
+    let mut other = small_frame(100);
+    other[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x42]);
+    let broken = [
+        ChainKind::Direct,
+        ChainKind::ReadOnly,
+        ChainKind::Direct,
+        ChainKind::OutOfMemory,
+        ChainKind::Unterminated,
+        ChainKind::Direct,
+        ChainKind::BadIndirect,
+        ChainKind::HeadOutOfRange,
+        ChainKind::Direct,
+        ChainKind::Unterminated,
+        ChainKind::Indirect,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &kind)| tx_chain(kind, &vec![70; 1 + i % 2], plain, &small_frame(120)))
+    .collect();
+    let out: Vec<(&str, TxInput)> = vec![
+        (
+            "well_formed_mix",
+            with(offloads, vec![tx_round(mix(), vec![])]),
+        ),
+        (
+            "legacy_guest_ten_byte_header",
+            with(0, vec![tx_round(mix(), vec![])]),
+        ),
+        (
+            "kernel_header_10_guest_12",
+            TxInput {
+                legacy_kernel_hdr: true,
+                ..with(offloads, vec![tx_round(mix(), vec![])])
+            },
+        ),
+        (
+            "eagain_then_resumed",
+            with(
+                offloads,
+                vec![
+                    TxRound {
+                        then_full: true,
+                        ..tx_round(mix(), vec![Step::Take(2), Step::Full])
+                    },
+                    TxRound {
+                        then_full: true,
+                        ..tx_round(vec![], vec![Step::Take(1)])
+                    },
+                    tx_round(mix(), vec![Step::Interrupted, Step::Take(3), Step::Take(0)]),
+                ],
+            ),
+        ),
+        (
+            "refusals_and_partial_sends",
+            with(
+                offloads,
+                vec![tx_round(
+                    [mix(), mix()].concat(),
+                    vec![
+                        Step::Take(1),
+                        Step::Refuse(0),
+                        Step::Take(2),
+                        Step::Refuse(1),
+                        Step::Refuse(2),
+                        Step::Take(1),
+                        Step::Refuse(3),
+                    ],
+                )],
+            ),
+        ),
+        (
+            "malformed_chains_wrapping_indices",
+            TxInput {
+                start: 0xfff0,
+                used_event: 0xfff2,
+                ..with(
+                    offloads | EVENT_IDX,
+                    vec![
+                        TxRound {
+                            then_full: true,
+                            ..tx_round(broken, vec![Step::Take(3), Step::Full])
+                        },
+                        tx_round(vec![tx_frame(plain, &[0; 10], 0)], vec![]),
+                    ],
+                )
+            },
+        ),
+        (
+            "offloads_not_negotiated",
+            with(
+                VERSION_1,
+                vec![tx_round(
+                    vec![
+                        tx_frame(tcp4.vnet, &tcp4.input, 0),
+                        tx_frame(udp4.vnet, &udp4.input, 0),
+                        tx_frame(plain, &small_frame(100), 0),
+                    ],
+                    vec![],
+                )],
+            ),
+        ),
+        (
+            "disabled_then_enabled",
+            with(
+                offloads,
+                vec![
+                    TxRound {
+                        disabled: true,
+                        ..tx_round(mix(), vec![])
+                    },
+                    tx_round(mix(), vec![]),
+                ],
+            ),
+        ),
+        (
+            "source_checked",
+            TxInput {
+                check_source: true,
+                ..with(
+                    offloads,
+                    vec![tx_round(
+                        vec![
+                            tx_frame(plain, &small_frame(100), 0),
+                            tx_frame(plain, &other, 0),
+                            tx_frame(plain, &small_frame(60), 0),
+                        ],
+                        vec![],
+                    )],
+                )
+            },
+        ),
+        (
+            "four_full_batches",
+            with(
+                VERSION_1,
+                vec![
+                    tx_round(
+                        vec![tx_frame(plain, &small_frame(60), 0); 255],
+                        vec![Step::Full],
+                    ),
+                    tx_round(
+                        vec![tx_frame(plain, &small_frame(60), 0)],
+                        vec![Step::Take(50)],
+                    ),
+                ],
+            ),
+        ),
+    ];
+    out.into_iter()
+        .map(|(name, input)| (name.to_owned(), input.encode()))
+        .collect()
 }
 
 /// Writes every seed to `corpus/<target>/<name>` under `dir`.

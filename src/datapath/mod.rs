@@ -6,6 +6,8 @@ pub mod mac;
 pub mod offload;
 pub mod rx;
 pub mod segment;
+#[cfg(test)]
+mod test_ring;
 pub mod tx;
 
 use std::io;
@@ -429,7 +431,7 @@ impl QueuePair {
             let pass = self.tx.process(&mut TxContext {
                 queue: state.get_queue_mut(),
                 mem: &mem,
-                socket: &self.socket,
+                socket: &*self.socket,
                 features: self.features,
                 stats: &mut self.stats,
                 source_mac: self.guest_mac.source_check(),
@@ -494,7 +496,7 @@ impl QueuePair {
         let pass = self.tx.discard(&mut TxContext {
             queue: state.get_queue_mut(),
             mem: &mem,
-            socket: &self.socket,
+            socket: &*self.socket,
             features: self.features,
             stats: &mut self.stats,
             source_mac: None,

@@ -1041,11 +1041,7 @@ mod tests {
     use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
     use vm_memory::{Bytes, GuestAddress};
 
-    const QSIZE: u16 = 256;
-    const DESC: u64 = 0;
-    const AVAIL: u64 = 0x4000;
-    const USED: u64 = 0x5000;
-    const BUFFERS: u64 = 0x10000;
+    use crate::datapath::test_ring::{Guest, BUFFERS, DESC, QSIZE};
 
     /// Frames handed over as a packet socket would: header first, truncated if too long.
     struct Scripted {
@@ -1112,112 +1108,6 @@ mod tests {
                 truncated: written < bytes.len(),
                 vlan: self.vlan,
             })
-        }
-    }
-
-    struct Guest {
-        mem: GuestMemoryMmap,
-        queue: Queue,
-        /// Descriptors (addr, len) of each posted chain, by head.
-        chains: Vec<Vec<(u64, u32)>>,
-        next_desc: u16,
-        next_addr: u64,
-        avail: u16,
-    }
-
-    impl Guest {
-        /// Posts one chain per entry of `chains` (descriptor lengths), in order.
-        fn new(chains: &[Vec<u32>]) -> Guest {
-            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-            let mut queue = Queue::new(QSIZE).unwrap();
-            queue.set_size(QSIZE);
-            queue.set_desc_table_address(Some(DESC as u32), Some(0));
-            queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-            queue.set_used_ring_address(Some(USED as u32), Some(0));
-            queue.set_ready(true);
-            let mut guest = Guest {
-                mem,
-                queue,
-                chains: Vec::new(),
-                next_desc: 0,
-                next_addr: BUFFERS,
-                avail: 0,
-            };
-            guest.post(chains);
-            guest
-        }
-
-        /// Adds chains to the avail ring after those already there.
-        fn post(&mut self, chains: &[Vec<u32>]) {
-            let mem = &self.mem;
-            for lens in chains {
-                let head = self.next_desc;
-                let mut descs = Vec::new();
-                for (j, &len) in lens.iter().enumerate() {
-                    let last = j + 1 == lens.len();
-                    let flags: u16 = 2 | if last { 0 } else { 1 }; // WRITE | NEXT
-                    let d = DESC + 16 * u64::from(self.next_desc);
-                    mem.write_obj(self.next_addr, GuestAddress(d)).unwrap();
-                    mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-                    mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-                    mem.write_obj(self.next_desc + 1, GuestAddress(d + 14))
-                        .unwrap();
-                    descs.push((self.next_addr, len));
-                    self.next_addr += u64::from(len).next_multiple_of(16);
-                    self.next_desc += 1;
-                }
-                let slot = u64::from(self.avail % QSIZE);
-                mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
-                    .unwrap();
-                self.avail += 1;
-                self.chains.resize(usize::from(self.next_desc), Vec::new());
-                self.chains[usize::from(head)] = descs;
-            }
-            mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).unwrap();
-        }
-
-        /// Adds an avail entry naming `head` as is (possibly no descriptor at all).
-        fn post_raw_head(&mut self, head: u16) {
-            let slot = u64::from(self.avail % QSIZE);
-            self.mem
-                .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
-                .unwrap();
-            self.avail += 1;
-            self.mem
-                .write_obj(self.avail, GuestAddress(AVAIL + 2))
-                .unwrap();
-        }
-
-        /// Makes descriptor `index` read-only: a broken RX buffer.
-        fn make_read_only(&self, index: u16) {
-            self.mem
-                .write_obj(0u16, GuestAddress(DESC + 16 * u64::from(index) + 12))
-                .unwrap();
-        }
-
-        fn used(&self) -> Vec<(u32, u32)> {
-            let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
-            (0..u64::from(idx))
-                .map(|i| {
-                    let id: u32 = self.mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap();
-                    let len: u32 = self.mem.read_obj(GuestAddress(USED + 8 + 8 * i)).unwrap();
-                    (id, len)
-                })
-                .collect()
-        }
-
-        /// The first `len` bytes the device wrote into chain `head`.
-        fn read_chain(&self, head: u32, len: u32) -> Vec<u8> {
-            let mut out = Vec::new();
-            let mut left = len as usize;
-            for &(addr, dlen) in &self.chains[head as usize] {
-                let take = left.min(dlen as usize);
-                let mut buf = vec![0u8; take];
-                self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-                out.extend_from_slice(&buf);
-                left -= take;
-            }
-            out
         }
     }
 

@@ -8,6 +8,9 @@
 //! any time (another vCPU); what was decided on is what the kernel reads. A frame the kernel
 //! refuses is a counted drop; `EAGAIN` keeps the unsent chains (rewound into the avail ring) and
 //! waits for the socket to become writable. Used elements are published once per batch.
+//!
+//! The socket is reached through [`FrameSink`], so that tests and the `tx_reader` fuzz target
+//! drive the same code with a scripted sink.
 
 use std::io;
 use std::time::Duration;
@@ -112,11 +115,38 @@ impl Default for TxPath {
     }
 }
 
+/// Where sent frames go: the packet socket, or a scripted sink in tests.
+pub trait FrameSink {
+    /// Bytes of virtio header the sink expects before each frame (10 or 12).
+    fn kernel_vnet_header_len(&self) -> usize;
+    /// Sends messages in order, as `sendmmsg` does: `Ok(n)` with `1 <= n <= msgs.len()`, the
+    /// first `n` went (message `n`, if any, failed and its error is lost); `Err(e)`, the first
+    /// message failed with `e` (`WouldBlock`: the sink is full, nothing went). `Ok(0)` only for
+    /// an empty `msgs`.
+    ///
+    /// # Safety
+    ///
+    /// Every message's iovecs must point to memory valid for reads of their lengths for the
+    /// duration of the call.
+    unsafe fn send_batch(&self, msgs: &mut [mmsghdr]) -> io::Result<usize>;
+}
+
+impl FrameSink for PacketSocket {
+    fn kernel_vnet_header_len(&self) -> usize {
+        PacketSocket::kernel_vnet_header_len(self)
+    }
+
+    unsafe fn send_batch(&self, msgs: &mut [mmsghdr]) -> io::Result<usize> {
+        // SAFETY: the caller upholds the same contract as `PacketSocket::send_batch`'s.
+        unsafe { PacketSocket::send_batch(self, msgs) }
+    }
+}
+
 /// What one pass needs besides its own state.
-pub struct TxContext<'a> {
+pub struct TxContext<'a, S: FrameSink + ?Sized = PacketSocket> {
     pub queue: &'a mut Queue,
     pub mem: &'a GuestMemoryMmap,
-    pub socket: &'a PacketSocket,
+    pub socket: &'a S,
     pub features: Negotiated,
     pub stats: &'a mut PairStats,
     /// What the guest's source MAC is checked against (and learned from); `None` allows any.
@@ -134,7 +164,7 @@ impl TxPath {
         self.notify = NotifyState::default();
     }
 
-    pub fn process(&mut self, ctx: &mut TxContext<'_>) -> TxPass {
+    pub fn process<S: FrameSink + ?Sized>(&mut self, ctx: &mut TxContext<'_, S>) -> TxPass {
         let addrs = RingAddrs {
             avail: GuestAddress(ctx.queue.avail_ring()),
             used: GuestAddress(ctx.queue.used_ring()),
@@ -165,7 +195,7 @@ impl TxPath {
     /// packets"): every chain the guest made available is given back unsent and counted in
     /// `tx_drop_disabled`; nothing reaches the socket. At most one ring's worth per pass, so a
     /// guest that keeps adding cannot hold the worker.
-    pub fn discard(&mut self, ctx: &mut TxContext<'_>) -> TxPass {
+    pub fn discard<S: FrameSink + ?Sized>(&mut self, ctx: &mut TxContext<'_, S>) -> TxPass {
         let size = ctx.queue.size();
         let addrs = RingAddrs {
             avail: GuestAddress(ctx.queue.avail_ring()),
@@ -192,7 +222,11 @@ impl TxPath {
     }
 
     /// Makes the pushed used elements visible; returns whether the guest wants an interrupt.
-    fn publish(&mut self, ctx: &mut TxContext<'_>, used: &mut UsedRing) -> bool {
+    fn publish<S: FrameSink + ?Sized>(
+        &mut self,
+        ctx: &mut TxContext<'_, S>,
+        used: &mut UsedRing,
+    ) -> bool {
         let mut notify = false;
         match used.publish(ctx.mem) {
             Ok(true) => {
@@ -208,7 +242,11 @@ impl TxPath {
     }
 
     /// Pops, checks and sends one batch. Returns (chains popped, chains left unsent by EAGAIN).
-    fn send_batch(&mut self, ctx: &mut TxContext<'_>, used: &mut UsedRing) -> (usize, usize) {
+    fn send_batch<S: FrameSink + ?Sized>(
+        &mut self,
+        ctx: &mut TxContext<'_, S>,
+        used: &mut UsedRing,
+    ) -> (usize, usize) {
         self.arena.clear();
         self.carved.clear();
         self.entries.clear();
@@ -328,9 +366,9 @@ impl TxPath {
 
     /// Copies a chain's header and frame head, checks the copy and prepares its message (the
     /// copy, then the rest of the chain), or decides to drop it.
-    fn check(
+    fn check<S: FrameSink + ?Sized>(
         &mut self,
-        ctx: &mut TxContext<'_>,
+        ctx: &mut TxContext<'_, S>,
         iovs: std::ops::Range<usize>,
         len: usize,
         hdr_len: usize,
@@ -424,7 +462,11 @@ impl TxPath {
 
 /// Whether the guest may send from `source` (the frame's source MAC, as copied); logs a refusal,
 /// which the caller counts.
-fn source_allowed(ctx: &mut TxContext<'_>, log: &mut RateLimit, source: [u8; 6]) -> bool {
+fn source_allowed<S: FrameSink + ?Sized>(
+    ctx: &mut TxContext<'_, S>,
+    log: &mut RateLimit,
+    source: [u8; 6],
+) -> bool {
     let Some(check) = &mut ctx.source_mac else {
         return true;
     };
@@ -433,4 +475,327 @@ fn source_allowed(ctx: &mut TxContext<'_>, log: &mut RateLimit, source: [u8; 6])
     }
     log.warn(format_args!("TX: {}", check.refusal(source)));
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+    use super::*;
+    use crate::datapath::test_ring::{Guest, QSIZE};
+
+    /// A packet socket as TX sees it, scripted: message `seq` (counting every message the sink
+    /// dealt with, sent or refused) is refused with `refuse`'s errno, `room` messages go before
+    /// it is full (EAGAIN), at most `per_call` go in one call (a partial send).
+    struct Sink {
+        hdr_len: usize,
+        refuse: Vec<(usize, i32)>,
+        room: Cell<usize>,
+        per_call: usize,
+        /// Interrupted (EINTR) before the next call does anything.
+        interrupt: Cell<bool>,
+        seq: Cell<usize>,
+        /// The bytes of every message sent, and whether its first iovec was in guest memory.
+        sent: RefCell<Vec<(Vec<u8>, *const u8)>>,
+        /// Called before each send: stands for another vCPU writing guest memory meanwhile.
+        meddle: Option<Box<dyn Fn()>>,
+    }
+
+    fn sink(hdr_len: usize) -> Sink {
+        Sink {
+            hdr_len,
+            refuse: Vec::new(),
+            room: Cell::new(usize::MAX),
+            per_call: usize::MAX,
+            interrupt: Cell::new(false),
+            seq: Cell::new(0),
+            sent: RefCell::new(Vec::new()),
+            meddle: None,
+        }
+    }
+
+    impl FrameSink for Sink {
+        fn kernel_vnet_header_len(&self) -> usize {
+            self.hdr_len
+        }
+
+        unsafe fn send_batch(&self, msgs: &mut [mmsghdr]) -> io::Result<usize> {
+            assert!(!msgs.is_empty(), "an empty batch");
+            if self.interrupt.take() {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if let Some(meddle) = &self.meddle {
+                meddle();
+            }
+            let mut n = 0;
+            for m in msgs.iter().take(self.per_call) {
+                let seq = self.seq.get();
+                if let Some(&(_, errno)) = self.refuse.iter().find(|(k, _)| *k == seq) {
+                    if n > 0 {
+                        break;
+                    }
+                    self.seq.set(seq + 1);
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                if self.room.get() == 0 {
+                    if n > 0 {
+                        break;
+                    }
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                // SAFETY: the caller guarantees the message's iovecs are readable.
+                let iovs =
+                    unsafe { std::slice::from_raw_parts(m.msg_hdr.msg_iov, m.msg_hdr.msg_iovlen) };
+                let mut bytes = Vec::new();
+                for v in iovs {
+                    // SAFETY: as above.
+                    bytes.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                    });
+                }
+                self.sent
+                    .borrow_mut()
+                    .push((bytes, iovs[0].iov_base.cast::<u8>().cast_const()));
+                self.room.set(self.room.get() - 1);
+                self.seq.set(seq + 1);
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+
+    const V1: u64 = 1 << VIRTIO_F_VERSION_1;
+
+    /// A guest header (all zero: no offload) and an Ethernet frame of `len` bytes whose bytes
+    /// say which frame `tag` it is.
+    fn packet(hdr_len: usize, len: usize, tag: u8) -> Vec<u8> {
+        let mut p = vec![0u8; hdr_len];
+        p.extend((0..len).map(|i| (i as u8).wrapping_mul(7) ^ tag));
+        // A unicast source MAC.
+        p[hdr_len + 6] &= !1;
+        p
+    }
+
+    /// What the kernel must receive for `packet`: its header cut to the sink's length (a
+    /// 12-byte header loses num_buffers), then the frame.
+    fn on_the_wire(packet: &[u8], hdr_len: usize, kernel_hdr: usize) -> Vec<u8> {
+        let mut w = packet[..kernel_hdr].to_vec();
+        w.extend_from_slice(&packet[hdr_len..]);
+        w
+    }
+
+    fn pass(guest: &mut Guest, tx: &mut TxPath, sink: &Sink, features: u64) -> (TxPass, PairStats) {
+        let mut stats = PairStats::default();
+        let pass = tx.process(&mut TxContext {
+            queue: &mut guest.queue,
+            mem: &guest.mem,
+            socket: sink,
+            features: Negotiated::new(features),
+            stats: &mut stats,
+            source_mac: None,
+        });
+        (pass, stats)
+    }
+
+    /// Chains of several shapes (header alone, header split, header with the frame, frames
+    /// longer than the copy, across several descriptors) for the first 30, then one descriptor
+    /// each (the table has room for 256 descriptors).
+    fn post_mix(guest: &mut Guest, hdr_len: usize, n: usize) -> Vec<(u16, Vec<u8>)> {
+        let shapes: [&[u32]; 6] = [
+            &[],
+            &[hdr_len as u32],
+            &[4],
+            &[3, 9, 30],
+            &[100, 2000],
+            &[1; 8],
+        ];
+        (0..n)
+            .map(|i| {
+                let p = packet(hdr_len, 60 + 97 * i % 3000, i as u8);
+                let shape = if i < 30 {
+                    shapes[i % shapes.len()]
+                } else {
+                    &[]
+                };
+                let head = guest.post_bytes(&p, shape);
+                (head, p)
+            })
+            .collect()
+    }
+
+    /// The used ring holds `heads`, each once, with length 0.
+    fn assert_used(guest: &Guest, heads: &[u16]) {
+        let used = guest.used();
+        let want: Vec<(u32, u32)> = heads.iter().map(|&h| (u32::from(h), 0)).collect();
+        assert_eq!(used, want, "used elements");
+    }
+
+    #[test]
+    fn every_chain_goes_once_as_the_header_copy_then_guest_bytes() {
+        for (features, hdr_len, kernel_hdr) in [(0, 10, 10), (V1, 12, 12), (V1, 12, 10)] {
+            let mut guest = Guest::device_reads();
+            let posted = post_mix(&mut guest, hdr_len, 100);
+            let before = guest.driver_area();
+            let s = sink(kernel_hdr);
+            let (pass, stats) = pass(&mut guest, &mut TxPath::default(), &s, features);
+            assert_eq!(pass.outcome, TxOutcome::Drained);
+            assert!(pass.notify);
+            assert_eq!(guest.driver_area(), before, "TX wrote to guest memory");
+            assert_eq!(guest.queue.next_avail(), 100);
+            let heads: Vec<u16> = posted.iter().map(|p| p.0).collect();
+            assert_used(&guest, &heads);
+            let sent = s.sent.borrow();
+            assert_eq!(sent.len(), 100);
+            for ((bytes, first), (head, p)) in sent.iter().zip(&posted) {
+                assert!(
+                    bytes[..] == on_the_wire(p, hdr_len, kernel_hdr)[..],
+                    "chain {head}: the kernel got other bytes"
+                );
+                assert!(
+                    !guest.in_guest_memory(*first),
+                    "chain {head}: the header went from guest memory, not the checked copy"
+                );
+            }
+            assert_eq!(stats.tx_packets, 100);
+            let frames: usize = posted.iter().map(|p| p.1.len() - hdr_len).sum();
+            assert_eq!(stats.tx_bytes, frames as u64);
+            assert_eq!(stats.tx_drop_kernel + stats.tx_drop_malformed, 0);
+        }
+    }
+
+    #[test]
+    fn a_message_the_kernel_refuses_is_dropped_once_and_the_rest_go() {
+        for (errno, oversize) in [
+            (libc::EINVAL, false),
+            (libc::EMSGSIZE, true),
+            (libc::ENOBUFS, false),
+        ] {
+            let mut guest = Guest::device_reads();
+            let posted = post_mix(&mut guest, 12, 10);
+            let before = guest.driver_area();
+            let mut s = sink(12);
+            s.refuse = vec![(0, errno), (4, errno), (5, errno), (9, errno)];
+            let (pass, stats) = pass(&mut guest, &mut TxPath::default(), &s, V1);
+            assert_eq!(pass.outcome, TxOutcome::Drained, "errno {errno}");
+            assert_eq!(guest.driver_area(), before);
+            assert_eq!(guest.queue.next_avail(), 10);
+            let heads: Vec<u16> = posted.iter().map(|p| p.0).collect();
+            assert_used(&guest, &heads);
+            let sent: Vec<Vec<u8>> = s.sent.borrow().iter().map(|m| m.0.clone()).collect();
+            let want: Vec<Vec<u8>> = [1, 2, 3, 6, 7, 8]
+                .iter()
+                .map(|&i| on_the_wire(&posted[i].1, 12, 12))
+                .collect();
+            assert!(sent == want, "errno {errno}: the messages after a refusal");
+            assert_eq!(stats.tx_packets, 6);
+            assert_eq!(stats.tx_drop_oversize, if oversize { 4 } else { 0 });
+            assert_eq!(stats.tx_drop_kernel, if oversize { 0 } else { 4 });
+        }
+    }
+
+    #[test]
+    fn eagain_leaves_the_unsent_chains_in_the_avail_ring_exactly() {
+        let mut guest = Guest::device_reads();
+        let mut posted = post_mix(&mut guest, 12, 6);
+        // Behind the chain EAGAIN holds back: a short chain and an entry naming no
+        // descriptor, which are dropped once, when their turn comes.
+        let short = guest.post_bytes(&[0u8; 20], &[]);
+        guest.post_raw_head(QSIZE + 3);
+        posted.extend(post_mix(&mut guest, 12, 4));
+        let before = guest.driver_area();
+        let mut s = sink(12);
+        s.room.set(4);
+        s.per_call = 3;
+        let mut tx = TxPath::default();
+
+        let (first, stats) = pass(&mut guest, &mut tx, &s, V1);
+        assert_eq!(first.outcome, TxOutcome::Blocked);
+        assert_eq!(
+            guest.queue.next_avail(),
+            4,
+            "the unsent chains are given back"
+        );
+        let heads: Vec<u16> = posted.iter().map(|p| p.0).collect();
+        assert_used(&guest, &heads[..4]);
+        assert_eq!(stats.tx_packets, 4);
+        assert_eq!(stats.tx_backpressure, 1);
+        assert_eq!(
+            stats.tx_drop_malformed, 0,
+            "nothing counted before its turn"
+        );
+
+        // Still full: nothing moves.
+        let (again, stats) = pass(&mut guest, &mut tx, &s, V1);
+        assert_eq!(again.outcome, TxOutcome::Blocked);
+        assert_eq!(guest.queue.next_avail(), 4);
+        assert_eq!((stats.tx_packets, stats.tx_drop_malformed), (0, 0));
+
+        // Writable again.
+        s.room.set(usize::MAX);
+        s.interrupt.set(true);
+        let (last, stats) = pass(&mut guest, &mut tx, &s, V1);
+        assert_eq!(last.outcome, TxOutcome::Drained);
+        assert_eq!(guest.queue.next_avail(), 12);
+        let mut all = heads[..6].to_vec();
+        all.push(short);
+        all.extend_from_slice(&heads[6..]);
+        assert_used(&guest, &all);
+        assert_eq!(stats.tx_packets, 6);
+        assert_eq!(
+            stats.tx_drop_malformed, 2,
+            "the short chain and the stray entry"
+        );
+        assert_eq!(guest.driver_area(), before);
+        let sent: Vec<Vec<u8>> = s.sent.borrow().iter().map(|m| m.0.clone()).collect();
+        let want: Vec<Vec<u8>> = posted.iter().map(|p| on_the_wire(&p.1, 12, 12)).collect();
+        assert!(sent == want, "each frame sent once, in order");
+    }
+
+    #[test]
+    fn partial_sends_resume_where_the_kernel_stopped() {
+        let mut guest = Guest::device_reads();
+        // More than a batch, so that later batches follow partial ones.
+        let posted = post_mix(&mut guest, 12, 150);
+        let mut s = sink(12);
+        s.per_call = 7;
+        s.refuse = vec![(13, libc::EINVAL), (64, libc::ENOBUFS)];
+        let (pass, stats) = pass(&mut guest, &mut TxPath::default(), &s, V1);
+        assert_eq!(pass.outcome, TxOutcome::Drained);
+        assert_eq!(guest.queue.next_avail(), 150);
+        let heads: Vec<u16> = posted.iter().map(|p| p.0).collect();
+        assert_used(&guest, &heads);
+        assert_eq!((stats.tx_packets, stats.tx_drop_kernel), (148, 2));
+        let sent: Vec<Vec<u8>> = s.sent.borrow().iter().map(|m| m.0.clone()).collect();
+        let want: Vec<Vec<u8>> = posted
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| ![13, 64].contains(i))
+            .map(|(_, p)| on_the_wire(&p.1, 12, 12))
+            .collect();
+        assert!(sent == want, "each frame sent once, in order");
+    }
+
+    #[test]
+    fn the_kernel_reads_the_copy_that_was_checked_not_guest_memory() {
+        let mut guest = Guest::device_reads();
+        let p = packet(12, 1000, 1);
+        let head = guest.post_bytes(&p, &[]);
+        let (addr, _) = guest.chains[usize::from(head)][0];
+        let mem = guest.mem.clone();
+        let mut s = sink(12);
+        // Between the check and the send the guest asks for GSO it did not negotiate and
+        // rewrites its source MAC and the frame's first bytes.
+        s.meddle = Some(Box::new(move || {
+            use vm_memory::Bytes;
+            mem.write_slice(&[0x01, 0x01], GuestAddress(addr)).unwrap();
+            mem.write_slice(&[0xff; 100], GuestAddress(addr + 12))
+                .unwrap();
+        }));
+        let (_, stats) = pass(&mut guest, &mut TxPath::default(), &s, V1);
+        assert_eq!(stats.tx_packets, 1);
+        let sent = s.sent.borrow();
+        assert!(sent[0].0 == p[..], "the kernel read what was checked");
+    }
 }
