@@ -496,9 +496,7 @@ fn overlapping(iovs: &[iovec]) -> bool {
 /// `code`: 0 read_at(a, len b), 1 write_at(a, b bytes), 2 shift_right(a, b, by c),
 /// 3 for_each_chunk(a, b), 4 carve(limit a, hole c..c + b mod 32), else len.
 pub fn op(m: &Memory, iovs: &[iovec], code: u8, a: usize, b: usize, c: usize, seed: u8) {
-    // SAFETY: the iovecs were resolved against `m.mem`, which outlives this view; guest
-    // memory is only accessed as plain bytes.
-    let view = unsafe { Scatter::new(iovs) };
+    let view = Scatter::guest(&m.mem, iovs);
     let before = flatten(iovs);
     let total = before.len();
     assert_eq!(view.len(), total);

@@ -27,8 +27,9 @@ use vhost_packet::virtio::header::{
     GsoKind, NetHeader, FLAG_DATA_VALID, FLAG_NEEDS_CSUM, LEN_BASE, LEN_MRG,
 };
 use vhost_packet::wire::checksum::Checksum;
+use vm_memory::VolatileSlice;
 
-use crate::input::{iovecs, split_owned, Reader};
+use crate::input::{split_owned, Reader};
 
 fn le(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -196,7 +197,7 @@ fn rx_checks(hdr: &NetHeader<&[u8]>, features: Negotiated, frame: &[u8]) {
     }
 }
 
-/// `complete_checksum` over the frame cut into iovecs: it changes exactly the two checksum bytes
+/// `complete_checksum` over the frame cut into pieces: it changes exactly the two checksum bytes
 /// (as a flat model computes them) or nothing at all.
 fn checksum(
     frame: &[u8],
@@ -208,11 +209,12 @@ fn checksum(
     let mut flat = vec![0x5a; frame_offset];
     flat.extend_from_slice(frame);
     let mut pieces = split_owned(&flat, cuts);
-    let iovs = iovecs(&mut pieces);
+    let slices: Vec<VolatileSlice<'_>> = pieces
+        .iter_mut()
+        .map(|p| VolatileSlice::from(&mut p[..]))
+        .collect();
     let (start, offset) = (hdr.csum_start(), hdr.csum_offset());
-    // SAFETY: the iovecs point into `pieces`, alive and not otherwise borrowed while the view
-    // is used.
-    let view = unsafe { Scatter::new(&iovs) };
+    let view = Scatter::slices(&slices);
     assert_eq!(view.len(), flat.len());
     let result = complete_checksum(&view, frame_offset, frame_len, start, offset);
     let after: Vec<u8> = pieces.concat();

@@ -96,14 +96,3 @@ pub fn split_owned(data: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
     pieces.push(rest.to_vec());
     pieces
 }
-
-/// iovecs over owned pieces.
-pub fn iovecs(pieces: &mut [Vec<u8>]) -> Vec<libc::iovec> {
-    pieces
-        .iter_mut()
-        .map(|p| libc::iovec {
-            iov_base: p.as_mut_ptr().cast(),
-            iov_len: p.len(),
-        })
-        .collect()
-}

@@ -42,7 +42,7 @@ use std::io;
 
 use libc::iovec;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, VolatileSlice};
 
 use vhost_packet::datapath::rx::{FrameSource, RxContext, RxPath, MAX_REFUSALS};
 use vhost_packet::packet::socket::{RecvLen, VlanTag, UIO_MAXIOV};
@@ -258,8 +258,12 @@ impl FrameSource for Scripted {
             // The kernel refuses buffers shorter than its header; the packet is lost.
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        // SAFETY: the caller guarantees every iovec is valid for writes of its length.
-        let done = unsafe { Scatter::new(iov) }.write_at(0, &bytes);
+        let slices: Vec<VolatileSlice<'_>> = iov
+            .iter()
+            // SAFETY: the caller guarantees every iovec is valid for writes of its length.
+            .map(|v| unsafe { VolatileSlice::new(v.iov_base.cast(), v.iov_len) })
+            .collect();
+        let done = Scatter::slices(&slices).write_at(0, &bytes);
         Ok(RecvLen {
             len: bytes.len(),
             truncated: done < bytes.len(),

@@ -236,8 +236,8 @@ pub fn complete_checksum(
 mod tests {
     use super::*;
     use crate::virtio::header::{GSO_TCPV4, GSO_UDP_L4, LEN_MRG};
-    use libc::iovec;
     use virtio_bindings::virtio_net::*;
+    use vm_memory::VolatileSlice;
 
     const fn bit(n: u32) -> u64 {
         1 << n
@@ -286,19 +286,8 @@ mod tests {
         for split in 1..frame.len() {
             let mut data = frame.clone();
             let (a, b) = data.split_at_mut(split);
-            let iovs = [
-                iovec {
-                    iov_base: a.as_mut_ptr().cast(),
-                    iov_len: a.len(),
-                },
-                iovec {
-                    iov_base: b.as_mut_ptr().cast(),
-                    iov_len: b.len(),
-                },
-            ];
-            // SAFETY: the iovecs point into `data`, alive and unaliased for this block.
-            let s = unsafe { Scatter::new(&iovs) };
-            complete_checksum(&s, 0, frame.len(), 34, 16).unwrap();
+            let slices = [VolatileSlice::from(a), VolatileSlice::from(b)];
+            complete_checksum(&Scatter::slices(&slices), 0, frame.len(), 34, 16).unwrap();
             assert_eq!(
                 u16::from_be_bytes([data[50], data[51]]),
                 expected,
@@ -311,12 +300,8 @@ mod tests {
     fn refuses_offsets_outside_the_frame() {
         let (mut frame, _) = tcp_frame();
         let len = frame.len();
-        let iovs = [iovec {
-            iov_base: frame.as_mut_ptr().cast(),
-            iov_len: len,
-        }];
-        // SAFETY: the iovec points at `frame`, alive for this test.
-        let s = unsafe { Scatter::new(&iovs) };
+        let slices = [VolatileSlice::from(&mut frame[..])];
+        let s = Scatter::slices(&slices);
         assert_eq!(
             complete_checksum(&s, 0, len, 34, 65535),
             Err(CsumError::OutOfFrame)

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use libc::iovec;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap, VolatileSlice};
 
 use super::offload::{self, RxVerdict};
 use super::segment::{self, GsoParams, SegmentCsum};
@@ -679,18 +679,16 @@ impl RxPath {
             // copy it into the guest's.
             return self.receive_via_bounce(ctx, used, hdr_len, kernel_hdr, mergeable, capacity);
         }
-        let guest_iov = &self.arena[staged];
-
         // SAFETY: every iovec was resolved from the current guest memory mapping, which the
         // caller keeps alive for the whole pass, and covers writable guest buffers only.
         let got = unsafe { ctx.socket.recv(&mut self.recv_iov)? };
+        let scatter = Scatter::guest(ctx.mem, &self.arena[staged]);
         let tag_len = if got.vlan.is_some() { VLAN_TAG_LEN } else { 0 };
         let frame_len = got.len.saturating_sub(kernel_hdr) + tag_len;
         let guest_len = frame_len + hdr_len;
         if got.truncated || guest_len > capacity || got.len < kernel_hdr + ETH_ADDRS_LEN {
             // The buffers go to the next frame; none of this one may show past its used length.
-            // SAFETY: as above.
-            unsafe { Scatter::new(guest_iov) }.zero(0, guest_len.min(capacity));
+            scatter.zero(0, guest_len.min(capacity));
             ctx.stats.rx_drop_oversize += 1;
             self.log(format_args!(
                 "RX: dropped a {frame_len}-byte frame: guest buffers hold {capacity} bytes"
@@ -698,8 +696,6 @@ impl RxPath {
             return Ok(());
         }
 
-        // SAFETY: as above; the view lives only within this call.
-        let scatter = unsafe { Scatter::new(guest_iov) };
         let mut hdr_bytes = [0u8; LEN_MRG];
         scatter.read_at(0, &mut hdr_bytes[..hdr_len]);
         let mut hdr = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
@@ -825,8 +821,7 @@ impl RxPath {
             }
             h.set_num_buffers(filled as u16);
             let iovs = self.staged_iovs(mergeable);
-            // SAFETY: the staged iovecs were resolved against the memory the caller holds.
-            let scatter = unsafe { Scatter::new(&self.arena[iovs]) };
+            let scatter = Scatter::guest(ctx.mem, &self.arena[iovs]);
             scatter.write_at(0, &vh[..hdr_len]);
             scatter.write_at(hdr_len, seg.headers());
             scatter.write_at(hdr_len + seg.headers_len, seg.payload_of(frame));
@@ -919,14 +914,9 @@ impl RxPath {
             frame_len += VLAN_TAG_LEN;
         }
         let frame_at = kernel_hdr;
-        let bounce_iov = [iovec {
-            iov_base: self.bounce.as_mut_ptr().cast(),
-            iov_len: self.bounce.len(),
-        }];
-        // SAFETY: the iovec covers `bounce`, which nothing else touches while the view lives.
-        let view = unsafe { Scatter::new(&bounce_iov) };
+        let bounce = [VolatileSlice::from(&mut self.bounce[..])];
         let adapted = adapt_frame(
-            &view,
+            &Scatter::slices(&bounce),
             frame_at,
             frame_len,
             got.vlan,
@@ -958,8 +948,7 @@ impl RxPath {
                 let filled = self.chains_for(guest_len);
                 hdr.set_num_buffers(filled as u16);
                 let gso = hdr.gso_kind() != GsoKind::None;
-                // SAFETY: the staged iovecs were resolved against the memory the caller holds.
-                let scatter = unsafe { Scatter::new(&self.arena[self.staged_iovs(mergeable)]) };
+                let scatter = Scatter::guest(ctx.mem, &self.arena[self.staged_iovs(mergeable)]);
                 scatter.write_at(0, &hdr_bytes[..hdr_len]);
                 scatter.write_at(hdr_len, &self.bounce[frame_at..frame_at + frame_len]);
                 self.complete(ctx, used, guest_len, filled);
@@ -1100,9 +1089,12 @@ mod tests {
             };
             let mut bytes = self.header[..self.hdr_len].to_vec();
             bytes.extend_from_slice(&frame);
-            // SAFETY: the caller guarantees the iovecs are writable.
-            let s = unsafe { Scatter::new(iov) };
-            let written = s.write_at(0, &bytes);
+            let slices: Vec<VolatileSlice<'_>> = iov
+                .iter()
+                // SAFETY: the caller guarantees each iovec is valid for writes of its length.
+                .map(|v| unsafe { VolatileSlice::new(v.iov_base.cast(), v.iov_len) })
+                .collect();
+            let written = Scatter::slices(&slices).write_at(0, &bytes);
             Ok(RecvLen {
                 len: bytes.len(),
                 truncated: written < bytes.len(),

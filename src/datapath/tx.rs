@@ -382,9 +382,13 @@ impl TxPath {
         }
         let msg = self.msg_iov.len();
         let slot = &mut self.heads[msg * HEAD_SLOT..(msg + 1) * HEAD_SLOT];
-        // SAFETY: the iovecs were just resolved against the mapping the caller keeps alive.
-        let scatter = unsafe { Scatter::new(&self.arena[iovs.clone()]) };
+        let scatter = Scatter::guest(ctx.mem, &self.arena[iovs.clone()]);
         let copied = scatter.read_at(0, &mut slot[..len.min(HEAD_SLOT)]);
+        if copied < len.min(HEAD_SLOT) {
+            // Only iovecs from another mapping come short (a bug, not the guest): refuse the
+            // chain rather than decide on part of its header.
+            return Fate::Drop(Refusal::Malformed);
+        }
         // From here on only the copy is looked at, and the copy is what the kernel reads.
         let (hdr_bytes, frame_head) = slot[..copied].split_at(hdr_len);
         let hdr =

@@ -10,7 +10,10 @@ use std::ops::Range;
 
 use libc::iovec;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileSlice,
+};
 
 /// Who writes the buffers of a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,6 +170,9 @@ fn resolve_into<M: GuestMemoryBackend>(
             }
             covered += slice.len();
             arena.push(iovec {
+                // The guard is dropped at once: with the mmap backend it holds nothing (see
+                // the assertion below), and the pointer is valid for as long as the region
+                // is mapped, which the caller's memory guard ensures.
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: slice.len(),
             });
@@ -180,6 +186,13 @@ fn resolve_into<M: GuestMemoryBackend>(
     }
     Ok(total)
 }
+
+/// The iovecs outlive the `PtrGuardMut` they were taken from. That is sound only while the guard
+/// keeps nothing mapped: true of the mmap backend, false with vm-memory's `xen` feature, whose
+/// guard unmaps on drop. Enabling it must fail to build here rather than leave dangling iovecs.
+const _: () = assert!(!std::mem::needs_drop::<
+    vm_memory::volatile_memory::PtrGuardMut,
+>());
 
 /// Where a queue's chains come from: what [`resolve_from_queue`] needs besides the chain.
 #[derive(Clone, Copy, Debug)]
@@ -262,43 +275,82 @@ pub fn carve(src: &[iovec], limit: usize, hole: Range<usize>, out: &mut Vec<iove
     covered
 }
 
-/// A byte-addressed view over a list of iovecs (one chain, or several chains of one packet).
+/// Where a [`Scatter`] view's bytes are.
+#[derive(Clone, Copy)]
+enum Backing<'a> {
+    /// Iovecs into guest memory, as [`resolve`] makes them.
+    Guest {
+        mem: &'a GuestMemoryMmap,
+        iovs: &'a [iovec],
+    },
+    /// Host memory (a bounce buffer), or anything else already a volatile slice.
+    Slices(&'a [VolatileSlice<'a>]),
+}
+
+/// A byte-addressed view over a list of buffers (one chain, several chains of one packet, or a
+/// host bounce buffer).
+///
+/// Every access goes through vm-memory's [`VolatileSlice`] (memcpy-based copies, no Rust
+/// reference to the bytes), because the guest may write its memory at any time. A view over
+/// guest iovecs finds each touched iovec's region again in `mem` and asks the region for the
+/// slice, so it is safe code that needs nothing besides the iovec, and every byte the daemon
+/// writes into guest memory passes through the region's `get_slice` (where a dirty bitmap would
+/// see it). An iovec that does not lie inside one region of `mem` ends the view there; iovecs
+/// from [`resolve`] against the same memory always do.
+#[derive(Clone, Copy)]
 pub struct Scatter<'a> {
-    iovs: &'a [iovec],
+    backing: Backing<'a>,
 }
 
 impl<'a> Scatter<'a> {
-    /// # Safety
-    ///
-    /// Every iovec in `iovs` must point to memory valid for reads and writes of `iov_len` bytes
-    /// for as long as the returned view is used. The memory may be shared with a guest that
-    /// changes it concurrently: it is only ever accessed as plain bytes.
-    pub unsafe fn new(iovs: &'a [iovec]) -> Scatter<'a> {
-        Scatter { iovs }
+    /// A view over iovecs into `mem` (resolved against that mapping).
+    pub fn guest(mem: &'a GuestMemoryMmap, iovs: &'a [iovec]) -> Scatter<'a> {
+        Scatter {
+            backing: Backing::Guest { mem, iovs },
+        }
+    }
+
+    /// A view over volatile slices, in order; `VolatileSlice::from(&mut buf[..])` makes one of
+    /// host memory.
+    pub fn slices(slices: &'a [VolatileSlice<'a>]) -> Scatter<'a> {
+        Scatter {
+            backing: Backing::Slices(slices),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.iovs.iter().map(|v| v.iov_len).sum()
+        match self.backing {
+            Backing::Guest { iovs, .. } => iovs.iter().map(|v| v.iov_len).sum(),
+            Backing::Slices(slices) => slices.iter().map(|s| s.len()).sum(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Calls `f` with each host pointer and length covering `[offset, offset + len)`, clipped
-    /// to the view.
-    fn for_each_segment(&self, offset: usize, len: usize, mut f: impl FnMut(*mut u8, usize)) {
+    /// Calls `f` with the slices covering `[offset, offset + len)`, in order, clipped to the
+    /// view.
+    fn for_each_segment(&self, offset: usize, len: usize, mut f: impl FnMut(VolatileSlice<'_>)) {
         let end = offset.saturating_add(len);
         let mut pos = 0usize;
-        for iov in self.iovs {
-            let seg_end = pos + iov.iov_len;
+        let count = match self.backing {
+            Backing::Guest { iovs, .. } => iovs.len(),
+            Backing::Slices(slices) => slices.len(),
+        };
+        for index in 0..count {
+            let seg_end = pos
+                + match self.backing {
+                    Backing::Guest { iovs, .. } => iovs[index].iov_len,
+                    Backing::Slices(slices) => slices[index].len(),
+                };
             let from = offset.max(pos);
             let to = end.min(seg_end);
             if from < to {
-                f(
-                    iov.iov_base.cast::<u8>().wrapping_add(from - pos),
-                    to - from,
-                );
+                let Some(slice) = self.subslice(index, from - pos, to - from) else {
+                    return;
+                };
+                f(slice);
             }
             if seg_end >= end {
                 break;
@@ -307,15 +359,27 @@ impl<'a> Scatter<'a> {
         }
     }
 
+    /// `len` bytes at `at` in segment `index`, which holds them.
+    fn subslice(&self, index: usize, at: usize, len: usize) -> Option<VolatileSlice<'a>> {
+        match self.backing {
+            Backing::Guest { mem, iovs } => {
+                let host = (iovs[index].iov_base as usize).checked_add(at)?;
+                mem.iter().find_map(|region| {
+                    let base = region.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
+                    let offset = host.checked_sub(base)? as u64;
+                    // Bounds-checked: a range outside this region is refused.
+                    region.get_slice(MemoryRegionAddress(offset), len).ok()
+                })
+            }
+            Backing::Slices(slices) => slices[index].subslice(at, len).ok(),
+        }
+    }
+
     /// Copies bytes starting at `offset` into `buf`; returns how many were available.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
         let mut done = 0usize;
-        self.for_each_segment(offset, buf.len(), |ptr, n| {
-            // SAFETY: `ptr..ptr+n` lies inside one iovec, valid for reads per `Scatter::new`'s
-            // contract, and `buf[done..done+n]` is in bounds because the segments partition at
-            // most `buf.len()` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr().add(done), n) };
-            done += n;
+        self.for_each_segment(offset, buf.len(), |slice| {
+            done += slice.copy_to(&mut buf[done..]);
         });
         done
     }
@@ -323,20 +387,26 @@ impl<'a> Scatter<'a> {
     /// Copies `buf` to `offset`; returns how many bytes fitted.
     pub fn write_at(&self, offset: usize, buf: &[u8]) -> usize {
         let mut done = 0usize;
-        self.for_each_segment(offset, buf.len(), |ptr, n| {
-            // SAFETY: as in `read_at`, with the iovec valid for writes.
-            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(done), ptr, n) };
-            done += n;
+        self.for_each_segment(offset, buf.len(), |slice| {
+            slice.copy_from(&buf[done..done + slice.len()]);
+            done += slice.len();
         });
         done
     }
 
     /// Zeroes `[offset, offset + len)`, clipped to the view.
     pub fn zero(&self, offset: usize, len: usize) {
-        self.for_each_segment(offset, len, |ptr, n| {
-            // SAFETY: `ptr..ptr+n` lies inside one iovec, valid for writes per `Scatter::new`'s
-            // contract.
-            unsafe { std::ptr::write_bytes(ptr, 0, n) };
+        const ZEROES: [u8; 2048] = [0; 2048];
+        self.for_each_segment(offset, len, |slice| {
+            let mut done = 0;
+            while done < slice.len() {
+                let n = (slice.len() - done).min(ZEROES.len());
+                // In range: `done + n <= slice.len()`.
+                if let Ok(part) = slice.subslice(done, n) {
+                    part.copy_from(&ZEROES[..n]);
+                }
+                done += n;
+            }
         });
     }
 
@@ -357,14 +427,15 @@ impl<'a> Scatter<'a> {
     /// so that no Rust reference ever points at memory the guest may be writing.
     pub fn for_each_chunk(&self, offset: usize, len: usize, mut f: impl FnMut(&[u8])) {
         let mut bounce = [0u8; 2048];
-        self.for_each_segment(offset, len, |ptr, n| {
+        self.for_each_segment(offset, len, |slice| {
             let mut done = 0;
-            while done < n {
-                let take = (n - done).min(bounce.len());
-                // SAFETY: `ptr+done..ptr+done+take` lies inside one iovec, valid for reads per
-                // `Scatter::new`'s contract; `bounce` holds `take` bytes.
-                unsafe { std::ptr::copy_nonoverlapping(ptr.add(done), bounce.as_mut_ptr(), take) };
-                f(&bounce[..take]);
+            while done < slice.len() {
+                let take = (slice.len() - done).min(bounce.len());
+                let Ok(part) = slice.subslice(done, take) else {
+                    return;
+                };
+                let n = part.copy_to(&mut bounce[..take]);
+                f(&bounce[..n]);
                 done += take;
             }
         });
@@ -387,9 +458,12 @@ mod tests {
     #[test]
     fn scatter_reads_and_writes_across_segments() {
         let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 1], [0u8; 5]);
-        let iovs = [iov(&mut a), iov(&mut b), iov(&mut c)];
-        // SAFETY: the iovecs point at the three local arrays, alive for the whole test.
-        let s = unsafe { Scatter::new(&iovs) };
+        let slices = [
+            VolatileSlice::from(&mut a[..]),
+            VolatileSlice::from(&mut b[..]),
+            VolatileSlice::from(&mut c[..]),
+        ];
+        let s = Scatter::slices(&slices);
         assert_eq!(s.len(), 9);
         assert_eq!(s.write_at(2, &[1, 2, 3, 4]), 4);
         assert_eq!(s.write_at(8, &[9, 9]), 1, "clipped at the end");
@@ -416,29 +490,72 @@ mod tests {
             .collect();
         let (a, rest) = data.split_at_mut(13);
         let (b, c) = rest.split_at_mut(5000);
-        let iovs = [iov(a), iov(b), iov(c)];
-        // SAFETY: the iovecs point into `data`, alive for this test.
-        let s = unsafe { Scatter::new(&iovs) };
-        s.shift_right(12, 9984, 4);
+        let slices = [
+            VolatileSlice::from(a),
+            VolatileSlice::from(b),
+            VolatileSlice::from(c),
+        ];
+        Scatter::slices(&slices).shift_right(12, 9984, 4);
         assert_eq!(data, want);
+    }
+
+    #[test]
+    fn a_guest_view_reaches_memory_through_its_regions_only() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x3000), 0x1000),
+        ])
+        .unwrap();
+        let w = VRING_DESC_F_WRITE as u16;
+        let mut arena = Vec::new();
+        let descs = [
+            Descriptor::new(0xffc, 4, w | VRING_DESC_F_NEXT as u16, 1),
+            Descriptor::new(0x3000, 4, w, 0),
+        ];
+        let c = resolve(
+            &mem,
+            0,
+            descs.into_iter(),
+            Access::DeviceWrites,
+            &mut arena,
+            8,
+        )
+        .unwrap();
+        let s = Scatter::guest(&mem, &arena[c.iov_range()]);
+        assert_eq!(s.write_at(2, &[1, 2, 3, 4, 5, 6, 7]), 6);
+        let mut got = [0u8; 8];
+        mem.read_slice(&mut got[..4], GuestAddress(0xffc)).unwrap();
+        mem.read_slice(&mut got[4..], GuestAddress(0x3000)).unwrap();
+        assert_eq!(got, [0, 0, 1, 2, 3, 4, 5, 6]);
+        // An iovec outside every region (here: host memory) ends the view where it starts.
+        let mut host = [0xaau8; 4];
+        let iovs = [arena[c.iovs.0 as usize], iov(&mut host)];
+        let s = Scatter::guest(&mem, &iovs);
+        assert_eq!(s.len(), 8);
+        assert_eq!(s.write_at(0, &[9; 8]), 4);
+        assert_eq!(s.read_at(0, &mut got), 4);
+        assert_eq!(host, [0xaa; 4]);
     }
 
     #[test]
     fn carve_skips_the_hole_at_any_split() {
         let mut data: Vec<u8> = (0..40).collect();
+        let base = data.as_ptr() as usize;
         for split in 1..20 {
             let (x, y) = data.split_at_mut(split);
             let src = [iov(x), iov(y)];
             let mut out = Vec::new();
             let covered = carve(&src, 30, 10..12, &mut out);
             assert_eq!(covered, 28);
-            let mut got = Vec::new();
-            for v in &out {
-                // SAFETY: the carved iovecs point inside `data`, which outlives this loop body.
-                let s = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-                got.extend_from_slice(s);
-            }
-            let want: Vec<u8> = (0..10).chain(12..30).collect();
+            // carve only does pointer arithmetic: map each piece back to the indices of `data`.
+            let got: Vec<usize> = out
+                .iter()
+                .flat_map(|v| {
+                    let at = v.iov_base as usize - base;
+                    at..at + v.iov_len
+                })
+                .collect();
+            let want: Vec<usize> = (0..10).chain(12..30).collect();
             assert_eq!(got, want, "split at {split}");
         }
     }
