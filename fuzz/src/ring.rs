@@ -147,6 +147,39 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// The ring a harness input asks for: `size` entries from index `start`, a buffer area
+    /// as large as the buffers of `lens` may need (scanning it is much of the cost of a run)
+    /// and centred on the region boundary, so that buffers straddle it; the avail flags, the
+    /// used index and `used_event` written as the input says.
+    pub fn for_input(
+        lens: impl Iterator<Item = u64>,
+        size: u16,
+        start: u16,
+        avail_flags: u16,
+        used_event: u16,
+        access: Access,
+    ) -> Guest {
+        let need: u64 = lens
+            .map(|l| l.next_multiple_of(16) + GUARD)
+            .sum::<u64>()
+            .min(BUF_MAX);
+        let buf_start = (REGION_SPLIT - need / 2) / 16 * 16;
+        let guest = Guest::new(
+            take_memory(),
+            size,
+            start,
+            (buf_start, buf_start + need),
+            access,
+        );
+        let mem = &guest.m.mem;
+        mem.write_obj(avail_flags, GuestAddress(AVAIL)).unwrap();
+        mem.write_obj(start, GuestAddress(USED + 2)).unwrap();
+        // used_event, after the avail ring.
+        mem.write_obj(used_event, GuestAddress(AVAIL + 4 + 2 * u64::from(size)))
+            .unwrap();
+        guest
+    }
+
     /// A ring of `size` entries whose indices start at `start`, with buffers in
     /// `buf_start..buf_end` of `m`.
     pub fn new(m: Memory, size: u16, start: u16, buf: (u64, u64), access: Access) -> Guest {

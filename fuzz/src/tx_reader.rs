@@ -52,8 +52,7 @@ use vhost_packet::virtio::header::{GsoKind, NetHeader};
 
 use crate::input::{Reader, Writer};
 use crate::ring::{
-    fixed_areas, take_memory, ChainKind, ChainSpec, Guest, AVAIL, BUFFERS, BUF_MAX, GUARD, MEMORY,
-    MEM_END, PAGE, REGION_SPLIT, USED,
+    fixed_areas, ChainKind, ChainSpec, Guest, BUFFERS, MEMORY, MEM_END, PAGE, REGION_SPLIT, USED,
 };
 
 /// What the sink does on one call.
@@ -312,33 +311,20 @@ pub fn run_input(input: &TxInput) -> PairStats {
     let kernel_hdr = if input.legacy_kernel_hdr { 10 } else { hdr_len };
     let size = 1u16 << input.queue_log2;
 
-    let need: u64 = input
-        .rounds
-        .iter()
-        .flat_map(|r| &r.chains)
-        .flat_map(|c| &c.spec.lens)
-        .map(|&l| u64::from(l).next_multiple_of(16) + GUARD)
-        .sum::<u64>()
-        .min(BUF_MAX);
-    let buf_start = (REGION_SPLIT - need / 2) / 16 * 16;
-    let buf_end = buf_start + need;
-    let m = take_memory();
-    let mut guest = Guest::new(
-        m,
+    let mut guest = Guest::for_input(
+        input
+            .rounds
+            .iter()
+            .flat_map(|r| &r.chains)
+            .flat_map(|c| &c.spec.lens)
+            .map(|&l| u64::from(l)),
         size,
         input.start,
-        (buf_start, buf_end),
+        input.avail_flags,
+        input.used_event,
         Access::DeviceReads,
     );
-    let mem = &guest.m.mem;
-    mem.write_obj(input.avail_flags, GuestAddress(AVAIL))
-        .unwrap();
-    mem.write_obj(input.start, GuestAddress(USED + 2)).unwrap();
-    mem.write_obj(
-        input.used_event,
-        GuestAddress(AVAIL + 4 + 2 * u64::from(size)),
-    )
-    .unwrap();
+    let (buf_start, buf_end) = (guest.buf_start, guest.buf_end);
 
     let sink = Sink {
         hdr_len: kernel_hdr,
