@@ -12,34 +12,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::guest::{
-    bit, guest_iperf, one_guest_at_a_time, require_guest, Guest, GuestNet, GuestOptions, GUEST_IP,
-    GUEST_IP6, GUEST_MAC, PEER_IP, PEER_IP6,
+    bit, guest_iperf, one_guest_at_a_time, ping_both_ways, require_guest, tcp_both_ways, Guest,
+    GuestNet, GuestOptions, GUEST_IP, GUEST_MAC, PEER_IP, PEER_IP6,
 };
 
 const CMD: Duration = Duration::from_secs(60);
-
-/// Pings the peer from the guest (IPv4 and IPv6) and the guest from the peer; every echo
-/// must come back. Returns the guest's IPv4 summary line.
-fn ping_both_ways(net: &GuestNet, guest: &mut Guest) -> String {
-    let out = guest.sh_ok(&format!("ping -c 3 -W 5 {PEER_IP}"), CMD);
-    assert!(out.contains(" 0% packet loss"), "guest -> peer:\n{out}");
-    let out6 = guest.sh_ok(&format!("ping -c 3 -W 5 {PEER_IP6}"), CMD);
-    assert!(
-        out6.contains(" 0% packet loss"),
-        "guest -> peer (IPv6):\n{out6}"
-    );
-    let back = net.peer_ping(&["-c", "3", "-W", "5", GUEST_IP]);
-    assert!(back.contains(" 0% packet loss"), "peer -> guest:\n{back}");
-    let back6 = net.peer_ping(&["-c", "3", "-W", "5", GUEST_IP6]);
-    assert!(
-        back6.contains(" 0% packet loss"),
-        "peer -> guest (IPv6):\n{back6}"
-    );
-    out.lines()
-        .find(|l| l.starts_with("rtt"))
-        .unwrap_or_default()
-        .to_owned()
-}
 
 /// Counters that only a bug (or a hostile guest) moves.
 fn assert_no_error_drops(stats: &HashMap<String, u64>) {
@@ -53,14 +30,6 @@ fn assert_no_error_drops(stats: &HashMap<String, u64>) {
     ] {
         assert_eq!(stats.get(key).copied(), Some(0), "{key} in {stats:?}");
     }
-}
-
-/// TCP both ways with iperf3 (3 s each); returns (guest->peer, peer->guest) Gbit/s.
-fn tcp_both_ways(guest: &mut Guest) -> (f64, f64) {
-    let up = guest_iperf(guest, PEER_IP, 3, false);
-    let down = guest_iperf(guest, PEER_IP, 3, true);
-    assert!(up.gbits > 0.0 && down.gbits > 0.0, "{up:?} {down:?}");
-    (up.gbits, down.gbits)
 }
 
 /// a) Boot, link up, ping the peer and back.

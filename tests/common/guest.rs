@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -162,13 +163,16 @@ impl Console {
     }
 }
 
-/// A booted guest. QEMU is ended by its PID on drop.
+/// A booted guest. QEMU, if this process started it, is ended by its PID on drop.
 pub struct Guest {
-    child: Child,
-    stdin: ChildStdin,
+    /// `None` for a guest whose QEMU someone else runs (libvirt).
+    child: Option<Child>,
+    console_in: Box<dyn Write + Send>,
     console: Arc<Console>,
-    stderr_log: PathBuf,
-    serial_log: PathBuf,
+    /// QEMU's messages: its stderr (removed on drop) or the log libvirt keeps.
+    qemu_log: PathBuf,
+    /// boot.sh's copy of the console, kept when a test fails.
+    serial_log: Option<PathBuf>,
     next_command: usize,
     /// Console offset after the last command's end marker.
     consumed: usize,
@@ -211,13 +215,37 @@ impl Guest {
             .spawn()
             .expect("spawn qemu/boot.sh");
         let stdin = child.stdin.take().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Guest::attach(
+            Some(child),
+            Box::new(stdin),
+            stdout,
+            stderr_log,
+            Some(serial_log),
+        )
+    }
+
+    /// Drives a guest someone else started (libvirt) through its serial console, connected
+    /// before the guest's CPU runs so that no marker is missed; `qemu_log` is QEMU's log.
+    pub fn attach_console(console: UnixStream, qemu_log: PathBuf) -> Guest {
+        let output = console.try_clone().expect("clone the console socket");
+        Guest::attach(None, Box::new(console), output, qemu_log, None)
+    }
+
+    /// Reads the console on a thread and waits for the guest's shell (eth0 configured).
+    fn attach(
+        child: Option<Child>,
+        console_in: Box<dyn Write + Send>,
+        mut output: impl Read + Send + 'static,
+        qemu_log: PathBuf,
+        serial_log: Option<PathBuf>,
+    ) -> Guest {
         let console = Arc::new(Console::default());
         let sink = console.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             loop {
-                let n = stdout.read(&mut buf).unwrap_or(0);
+                let n = output.read(&mut buf).unwrap_or(0);
                 let mut state = sink.state.lock().unwrap();
                 if n == 0 {
                     state.closed = true;
@@ -231,9 +259,9 @@ impl Guest {
         });
         let mut guest = Guest {
             child,
-            stdin,
+            console_in,
             console,
-            stderr_log,
+            qemu_log,
             serial_log,
             next_command: 0,
             consumed: 0,
@@ -280,7 +308,7 @@ impl Guest {
     }
 
     pub fn qemu_log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+        std::fs::read_to_string(&self.qemu_log).unwrap_or_default()
     }
 
     pub fn console_text(&self) -> String {
@@ -304,9 +332,9 @@ impl Guest {
             "( {script} ) </dev/null 2>&1; echo \"@@VP-RC-{}@@ $?\"\n",
             self.next_command
         );
-        self.stdin
+        self.console_in
             .write_all(line.as_bytes())
-            .and_then(|()| self.stdin.flush())
+            .and_then(|()| self.console_in.flush())
             .expect("write to the guest console");
         let from = self.consumed;
         let found = self.console.wait(from, timeout, |t| {
@@ -339,16 +367,19 @@ impl Guest {
     }
 
     fn end_qemu(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
             // SAFETY: kill(2) on the PID of our unreaped child.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = self.child.kill();
+            let _ = child.kill();
         }
-        let _ = self.child.wait();
+        let _ = child.wait();
     }
 }
 
@@ -356,16 +387,21 @@ impl Drop for Guest {
     fn drop(&mut self) {
         self.end_qemu();
         if std::thread::panicking() {
+            let kept = self
+                .serial_log
+                .as_ref()
+                .map_or(String::new(), |p| format!(" ({})", p.display()));
             eprintln!(
-                "guest console ({}):\n{}\nQEMU: {}",
-                self.serial_log.display(),
+                "guest console{kept}:\n{}\nQEMU: {}",
                 self.console.text(),
                 self.qemu_log()
             );
-        } else {
-            let _ = std::fs::remove_file(&self.serial_log);
+        } else if let Some(serial_log) = &self.serial_log {
+            let _ = std::fs::remove_file(serial_log);
         }
-        let _ = std::fs::remove_file(&self.stderr_log);
+        if self.child.is_some() {
+            let _ = std::fs::remove_file(&self.qemu_log);
+        }
     }
 }
 
@@ -494,4 +530,38 @@ pub fn guest_iperf(guest: &mut Guest, server: &str, secs: u32, reverse: bool) ->
         retransmits,
         output: out,
     }
+}
+
+/// How long one guest shell command (a short ping) may take.
+const GUEST_CMD: Duration = Duration::from_secs(60);
+
+/// Pings the peer from the guest (IPv4 and IPv6) and the guest from the peer; every echo
+/// must come back. Returns the guest's IPv4 summary line.
+pub fn ping_both_ways(net: &GuestNet, guest: &mut Guest) -> String {
+    let out = guest.sh_ok(&format!("ping -c 3 -W 5 {PEER_IP}"), GUEST_CMD);
+    assert!(out.contains(" 0% packet loss"), "guest -> peer:\n{out}");
+    let out6 = guest.sh_ok(&format!("ping -c 3 -W 5 {PEER_IP6}"), GUEST_CMD);
+    assert!(
+        out6.contains(" 0% packet loss"),
+        "guest -> peer (IPv6):\n{out6}"
+    );
+    let back = net.peer_ping(&["-c", "3", "-W", "5", GUEST_IP]);
+    assert!(back.contains(" 0% packet loss"), "peer -> guest:\n{back}");
+    let back6 = net.peer_ping(&["-c", "3", "-W", "5", GUEST_IP6]);
+    assert!(
+        back6.contains(" 0% packet loss"),
+        "peer -> guest (IPv6):\n{back6}"
+    );
+    out.lines()
+        .find(|l| l.starts_with("rtt"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// TCP both ways with iperf3 (3 s each); returns (guest->peer, peer->guest) Gbit/s.
+pub fn tcp_both_ways(guest: &mut Guest) -> (f64, f64) {
+    let up = guest_iperf(guest, PEER_IP, 3, false);
+    let down = guest_iperf(guest, PEER_IP, 3, true);
+    assert!(up.gbits > 0.0 && down.gbits > 0.0, "{up:?} {down:?}");
+    (up.gbits, down.gbits)
 }
