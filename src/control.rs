@@ -257,22 +257,28 @@ pub fn query(vhost_socket: &Path, format: Format) -> io::Result<String> {
     Ok(out)
 }
 
+/// One pair with a few counters, for the tests of every rendering (here and `metrics`).
+#[cfg(test)]
+pub(crate) fn example_snapshot() -> Snapshot {
+    Snapshot {
+        interface: "eth\"3".into(),
+        guest_mac: Some("02:00:00:00:00:01".into()),
+        acked_features: Some(1 << 15),
+        pairs: vec![PairStats {
+            rx_packets: 7,
+            tx_drop_spoofed: 2,
+            ..Default::default()
+        }],
+        enabled: vec![(true, false)],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn snapshot() -> Snapshot {
-        Snapshot {
-            interface: "eth\"3".into(),
-            guest_mac: Some("02:00:00:00:00:01".into()),
-            acked_features: Some(1 << 15),
-            pairs: vec![PairStats {
-                rx_packets: 7,
-                tx_drop_spoofed: 2,
-                ..Default::default()
-            }],
-            enabled: vec![(true, false)],
-        }
+        example_snapshot()
     }
 
     #[test]

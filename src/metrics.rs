@@ -271,11 +271,9 @@ mod tests {
     use super::*;
     use crate::stats::PairStats;
 
+    /// The control socket's example, with a second pair.
     fn snapshot() -> Snapshot {
         Snapshot {
-            interface: "eth\"3".into(),
-            guest_mac: Some("02:00:00:00:00:01".into()),
-            acked_features: Some(1 << 15),
             pairs: vec![
                 PairStats {
                     rx_packets: 7,
@@ -288,6 +286,7 @@ mod tests {
                 },
             ],
             enabled: vec![(true, false), (false, false)],
+            ..crate::control::example_snapshot()
         }
     }
 

@@ -1259,6 +1259,12 @@ fn vring_enable_before_set_features_as_qemu_sends_it() {
     assert_eq!(reply[4..8], 0x5u32.to_le_bytes(), "version | reply");
     assert_eq!(reply[12..20], 0u64.to_le_bytes(), "success");
     stream.set_read_timeout(None).unwrap();
+    full_setup_pings(&rig, stream);
+}
+
+/// A full setup on a connection that so far took raw messages, then a ping both ways; the
+/// connection must stay up throughout.
+fn full_setup_pings(rig: &Rig, stream: std::os::unix::net::UnixStream) {
     let mut fe = TestFrontend::from_stream(stream);
     fe.start(FrontendConfig {
         features: GUEST_FEATURES,
@@ -1314,21 +1320,7 @@ fn vring_enable_after_reset_owner_and_before_set_features_is_answered() {
         "after RESET_OWNER: {json}"
     );
     // A full setup on the same connection then carries frames.
-    let mut fe = TestFrontend::from_stream(stream);
-    fe.start(FrontendConfig {
-        features: GUEST_FEATURES,
-        queue_size: 256,
-        mem_size: 64 << 20,
-    });
-    fe.post_rx_buffers(64, 1536);
-    fe.set_rx_autorefill(true);
-    fe.kick_rx();
-    ping(&mut fe, rig.peer_mac, 1);
-    assert!(
-        !rig.daemon.log().contains("connection ended"),
-        "{}",
-        rig.daemon.log()
-    );
+    full_setup_pings(&rig, stream);
 }
 
 /// `frame` with an 802.1Q tag (VID `vid`) after the MAC addresses.
