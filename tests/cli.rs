@@ -1154,6 +1154,219 @@ fn notify_socket_gets_ready_once_serving_and_stopping_on_sigterm() {
     assert!(status.success(), "{log}");
 }
 
+/// systemd booted as PID 1 in a container (`systemd-nspawn --volatile=yes`: a fresh root on
+/// tmpfs over the host's /usr), in the test's host namespace. Killed by its PID on drop: a
+/// SIGTERM first, which nspawn turns into a clean halt of the container, then SIGKILL.
+struct BootedSystemd {
+    nspawn: Child,
+    leader: u32,
+}
+
+impl BootedSystemd {
+    /// Boots `target` with the repository's units, the test binary as /opt/vhost-packet (a
+    /// drop-in changes only ExecStart) and `run` as /run/vhost-packet.
+    fn boot(host: &NetNs, units: &Path, run: &Path, target: &str, log: &Path) -> BootedSystemd {
+        let bind_ro = |from: &Path, to: &str| format!("--bind-ro={}:{to}", s(from));
+        let etc = "/etc/systemd/system";
+        let nspawn = Command::new("systemd-nspawn")
+            .args(["--directory=/", "--volatile=yes", "--boot", "--register=no"])
+            .args(["--keep-unit", "--console=read-only", "--quiet"])
+            .arg(format!(
+                "--network-namespace-path=/run/netns/{}",
+                host.name()
+            ))
+            // The socket unit's group (kvm) must resolve.
+            .args(["--bind-ro=/etc/passwd", "--bind-ro=/etc/group"])
+            .arg(bind_ro(Path::new(BIN), "/opt/vhost-packet"))
+            .arg(bind_ro(
+                &units.join("vhost-packet@.service"),
+                &format!("{etc}/vhost-packet@.service"),
+            ))
+            .arg(bind_ro(
+                &units.join("vhost-packet@.socket"),
+                &format!("{etc}/vhost-packet@.socket"),
+            ))
+            .arg(bind_ro(
+                &units.join("dropin"),
+                &format!("{etc}/vhost-packet@.service.d"),
+            ))
+            .arg(bind_ro(
+                &units.join("test.target"),
+                &format!("{etc}/{target}"),
+            ))
+            .arg(format!("--bind={}:/run/vhost-packet", s(run)))
+            .args([
+                "--",
+                &format!("systemd.unit={target}"),
+                "systemd.firstboot=no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .expect("run systemd-nspawn");
+        let mut booted = BootedSystemd { nspawn, leader: 0 };
+        // The container's PID 1 is nspawn's child.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while booted.leader == 0 {
+            let children =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", booted.nspawn.id()))
+                    .unwrap_or_default();
+            booted.leader = children
+                .split_whitespace()
+                .next()
+                .map_or(0, |p| p.parse().unwrap());
+            assert!(
+                booted.nspawn.try_wait().unwrap().is_none(),
+                "systemd-nspawn exited: {}",
+                std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+            );
+            assert!(Instant::now() < deadline, "no container after 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        booted
+    }
+
+    /// `cmd` run inside the container (all its namespaces).
+    fn run(&self, cmd: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .args(["--target", &self.leader.to_string(), "--all", "--"])
+            .args(cmd)
+            .output()
+            .expect("run nsenter");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// One property of a unit, as `systemctl show` gives it.
+    fn property(&self, unit: &str, name: &str) -> String {
+        self.run(&["systemctl", "show", "--value", "-p", name, unit])
+    }
+
+    fn journal(&self, unit: &str) -> String {
+        self.run(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
+    }
+}
+
+impl Drop for BootedSystemd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the PID of our own unreaped child.
+        unsafe { libc::kill(self.nspawn.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.nspawn.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+/// The units as shipped, under systemd as PID 1: socket activation, Type=notify, the
+/// sandboxing (capabilities, no_new_privs, seccomp, address families) and a clean stop.
+#[test]
+fn the_units_serve_a_frontend_under_systemd_as_pid_1() {
+    if !require_root_and_tools(&["ip", "systemd-nspawn", "nsenter"]) {
+        return;
+    }
+    let (host, peer) = host_and_peer("vpsd");
+    let dir = TempDir::new("systemd");
+    let units = dir.join("units");
+    let run = dir.join("run");
+    std::fs::create_dir_all(units.join("dropin")).unwrap();
+    std::fs::create_dir(&run).unwrap();
+    for unit in ["vhost-packet@.service", "vhost-packet@.socket"] {
+        std::fs::copy(qemu_dir().join("systemd").join(unit), units.join(unit)).unwrap();
+    }
+    // What an operator who installs the binary elsewhere writes: only ExecStart changes.
+    std::fs::write(
+        units.join("dropin/binary.conf"),
+        "[Service]\nExecStart=\nExecStart=/opt/vhost-packet --interface %i $VHOST_PACKET_ARGS\n",
+    )
+    .unwrap();
+    // `systemctl enable --now vhost-packet@vh0.socket`, as a boot target.
+    std::fs::write(
+        units.join("test.target"),
+        "[Unit]\nRequires=vhost-packet@vh0.socket\nAfter=vhost-packet@vh0.socket\n",
+    )
+    .unwrap();
+    let systemd = BootedSystemd::boot(
+        &host,
+        &units,
+        &run,
+        "vhost-packet-test.target",
+        &dir.join("console.log"),
+    );
+    let sock = run.join("vh0.sock");
+    let service = "vhost-packet@vh0.service";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while systemd.property("vhost-packet@vh0.socket", "ActiveState") != "active" {
+        assert!(
+            Instant::now() < deadline,
+            "the socket unit does not listen: {}",
+            systemd.journal("vhost-packet@vh0.socket")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(systemd.property(service, "ActiveState"), "inactive");
+
+    // The first connection starts the service with the socket handed in.
+    let mut fe = TestFrontend::connect(&sock, T);
+    // Type=notify: "active" only after READY=1.
+    let deadline = Instant::now() + T;
+    loop {
+        let state = systemd.property(service, "ActiveState");
+        if state == "active" {
+            break;
+        }
+        assert!(
+            state != "failed" && Instant::now() < deadline,
+            "{service} is {state}: {}",
+            systemd.journal(service)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bring_up(&mut fe);
+    let peer_sock = peer_socket(&peer);
+    exchange(&mut fe, &peer_sock, peer.mac("vp0"), 1);
+    assert!(
+        systemd
+            .journal(service)
+            .contains("listening on /run/vhost-packet/vh0.sock (inherited descriptor 3)"),
+        "{}",
+        systemd.journal(service)
+    );
+    let pid = systemd.property(service, "MainPID");
+    let status = systemd.run(&["cat", &format!("/proc/{pid}/status")]);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_string()
+    };
+    for cap in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(field(cap), "0000000000002000", "{cap}: CAP_NET_RAW only");
+    }
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(
+        field("Seccomp"),
+        "2",
+        "SystemCallFilter is a seccomp filter"
+    );
+
+    // A stop is a clean exit: SIGTERM, STOPPING=1, status 0.
+    drop(fe);
+    systemd.run(&["systemctl", "stop", service]);
+    assert_eq!(systemd.property(service, "ActiveState"), "inactive");
+    assert_eq!(
+        systemd.property(service, "Result"),
+        "success",
+        "{}",
+        systemd.journal(service)
+    );
+    assert_eq!(systemd.property(service, "ExecMainStatus"), "0");
+}
+
 /// `promtool check metrics` on `text`: passes, with nothing to say.
 fn assert_promtool_passes(text: &str) {
     use std::io::Write;
