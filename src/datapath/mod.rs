@@ -4,6 +4,7 @@
 
 pub mod mac;
 pub mod offload;
+pub mod queue;
 pub mod rx;
 pub mod segment;
 #[cfg(test)]
@@ -11,24 +12,22 @@ mod test_ring;
 pub mod tx;
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use log::debug;
+use vhost_user_backend::VringRwLock;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::packet::error::PacketError;
 use crate::packet::socket::PacketSocket;
 use crate::stats::PairStats;
 use crate::virtio::features::Negotiated;
 pub use mac::{GuestMac, MacPolicy};
-use rx::{RxContext, RxOutcome, RxPath};
-use tx::{TxContext, TxOutcome, TxPath};
+pub use queue::PairSocket;
+use queue::{PairEnv, RxQueue, TxQueue};
 
 /// Guest memory as the vhost-user crates hand it over.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -63,37 +62,20 @@ impl EventIds {
     }
 }
 
-/// One RX/TX queue pair.
-pub struct QueuePair {
+/// One RX/TX queue pair: the socket and what both directions share, dispatching each event to
+/// its direction (see `queue.rs`). `S`: the socket; `R`: the worker's epoll handler.
+pub struct QueuePair<S: ?Sized = PacketSocket, R: ?Sized = dyn EventRegistry> {
     index: usize,
     /// Shared with the device's `GuestMac`, which sets its membership and filter.
-    socket: Arc<PacketSocket>,
-    /// A second descriptor for the socket, registered for EPOLLOUT only while TX is blocked
-    /// (one epoll registration per descriptor, and readability is registered separately).
-    writable_fd: OwnedFd,
-    /// Self-notification when TX stops for fairness with work left.
-    resched: EventFd,
+    socket: Arc<S>,
     ids: EventIds,
-    registry: Option<Weak<dyn EventRegistry>>,
-    rx_armed: bool,
-    tx_armed: bool,
-    /// The frontend's SET_VRING_ENABLE state of each ring. vhost-user-backend's own flag is
-    /// kept set once the frontend said anything (see `relay.rs`), so that kicks of a disabled
-    /// TX ring still reach us: its chains must be consumed and discarded.
-    rx_enabled: bool,
-    tx_enabled: bool,
+    registry: Option<Weak<R>>,
     mem: Option<GuestMemory>,
     features: Negotiated,
-    rx: RxPath,
-    tx: TxPath,
+    rx: RxQueue,
+    tx: TxQueue,
     stats: PairStats,
     guest_mac: Arc<GuestMac>,
-    /// The guest broke a ring (avail index beyond reach): logged and counted once.
-    rx_broken: bool,
-    tx_broken: bool,
-    /// RX waits for the guest to add buffers beyond this avail index (the socket is not
-    /// polled meanwhile).
-    rx_wants_beyond: Option<u16>,
     busy_poll: Option<BusyPoll>,
 }
 
@@ -108,64 +90,46 @@ struct BusyPoll {
 /// exit event and other pairs' events on the same thread are not held up.
 pub const BUSY_SLICE: Duration = Duration::from_millis(1);
 
-/// Most frames thrown away at once when an RX ring is disabled. With one pair nothing steers
-/// frames away from its socket, so under a flood the queue would never end; what is left is
-/// dropped by the kernel once the socket buffer is full, as for any pair without buffers.
-const DISCARD_LIMIT: usize = 1 << 16;
-
-/// What a worker was doing when it failed (see `worker_failure`).
-const CALL_RX: &str = "signalling the guest (RX call eventfd)";
-const CALL_TX: &str = "signalling the guest (TX call eventfd)";
-const RESCHEDULE: &str = "waking itself (reschedule eventfd)";
-
-/// A failure that ends the worker, and with it the connection (see
-/// `NetBackend::handle_event`): counted, and named by what it interrupted. A frontend that
-/// never reads its call eventfd gets EAGAIN here once the counter is full.
-fn worker_failure(counter: &mut u64, action: &str, source: io::Error) -> io::Error {
-    *counter += 1;
-    io::Error::new(source.kind(), format!("{action}: {source}"))
+/// Splits a pair into its directions and what they share, borrowing disjoint fields.
+macro_rules! parts {
+    ($pair:expr) => {
+        (
+            &mut $pair.rx,
+            &mut $pair.tx,
+            PairEnv {
+                index: $pair.index,
+                socket: &*$pair.socket,
+                registry: $pair.registry.as_ref(),
+                mem: $pair.mem.as_ref(),
+                features: $pair.features,
+                stats: &mut $pair.stats,
+            },
+        )
+    };
 }
 
-/// A ring whose avail index is more than a queue size ahead of what was consumed cannot be
-/// used (virtio-queue refuses every chain, yet keeps reporting work: a busy loop otherwise).
-fn ring_broken(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
-    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-        Ok(idx) => idx.0.wrapping_sub(queue.next_avail()) > queue.size(),
-        Err(_) => true,
-    }
-}
-
-impl QueuePair {
+impl<S: PairSocket + ?Sized, R: EventRegistry + ?Sized> QueuePair<S, R> {
     /// Errors are those of `dup(2)` and `eventfd(2)`.
     pub fn new(
         index: usize,
-        socket: Arc<PacketSocket>,
+        socket: Arc<S>,
         ids: EventIds,
         guest_mac: Arc<GuestMac>,
         busy_poll: Option<Duration>,
-    ) -> io::Result<QueuePair> {
-        let writable_fd = socket.try_clone()?;
-        let resched = EventFd::new(EFD_NONBLOCK)?;
+    ) -> io::Result<QueuePair<S, R>> {
+        let rx = RxQueue::new(socket.as_raw_fd(), ids.socket_readable);
+        let tx = TxQueue::new(socket.try_clone()?, ids.socket_writable, ids.resched)?;
         Ok(QueuePair {
             index,
             socket,
-            writable_fd,
-            resched,
             ids,
             registry: None,
-            rx_armed: false,
-            tx_armed: false,
-            rx_enabled: false,
-            tx_enabled: false,
             mem: None,
             features: Negotiated::default(),
-            rx: RxPath::default(),
-            tx: TxPath::default(),
+            rx,
+            tx,
             stats: PairStats::default(),
             guest_mac,
-            rx_broken: false,
-            tx_broken: false,
-            rx_wants_beyond: None,
             busy_poll: busy_poll.map(|idle| BusyPoll {
                 idle,
                 last_work: Instant::now(),
@@ -177,56 +141,35 @@ impl QueuePair {
         self.index
     }
 
-    pub fn socket(&self) -> &PacketSocket {
+    pub fn socket(&self) -> &S {
         &self.socket
     }
 
     /// Counters, with the kernel's drop count for this socket folded in.
     pub fn stats(&mut self) -> PairStats {
-        if let Ok((_, drops)) = self.socket.drops() {
+        if let Ok(drops) = self.socket.drops() {
             self.stats.rx_drop_no_buffers += u64::from(drops);
         }
         self.stats
     }
 
     /// A new frontend connection: its worker's epoll handler.
-    pub fn attach(&mut self, registry: Weak<dyn EventRegistry>) {
+    pub fn attach(&mut self, registry: Weak<R>) {
         self.detach();
         if let Some(r) = registry.upgrade() {
-            if let Err(e) = r.register(
-                self.resched.as_raw_fd(),
-                EventSet::IN,
-                self.ids.resched.into(),
-            ) {
-                warn!(
-                    "queue pair {}: registering the reschedule event: {e}",
-                    self.index
-                );
-            }
+            self.tx.attach(&*r, self.index);
         }
         self.registry = Some(registry);
     }
 
     /// The connection is gone: forget its rings, memory and registrations.
     pub fn detach(&mut self) {
-        self.disarm_rx();
-        self.disarm_tx();
-        if let Some(r) = self.registry.take().and_then(|w| w.upgrade()) {
-            let _ = r.unregister(
-                self.resched.as_raw_fd(),
-                EventSet::IN,
-                self.ids.resched.into(),
-            );
-        }
+        let registry = self.registry.take();
+        self.rx
+            .detach(registry.as_ref(), self.index, &mut self.stats);
+        self.tx.detach(registry.as_ref(), self.index);
         self.mem = None;
         self.features = Negotiated::default();
-        self.rx_enabled = false;
-        self.tx_enabled = false;
-        self.rx_broken = false;
-        self.tx_broken = false;
-        self.rx_wants_beyond = None;
-        self.stats.rx_drop_disabled += self.rx.reset();
-        self.tx.reset();
     }
 
     pub fn set_memory(&mut self, mem: GuestMemory) {
@@ -240,38 +183,20 @@ impl QueuePair {
     }
 
     /// The frontend enabled or disabled one of this pair's rings (SET_VRING_ENABLE, or all of
-    /// them at SET_FEATURES without PROTOCOL_FEATURES).
-    ///
-    /// A disabled RX ring gets no frames: the socket is no longer polled, and what it holds
-    /// when the ring is disabled or enabled again is thrown away (counted), and so is the rest
-    /// of a half-delivered GSO frame. Frames that came
-    /// while the ring was off are not for the guest (a disabled NIC queue drops them), and
-    /// the first could otherwise arrive after later frames of the same flows that the fanout
-    /// handed to other pairs meanwhile. A disabled TX ring is drained and its chains
-    /// discarded, now and on every kick. Enabling either direction lets the worker look at
-    /// once, so nothing waits for the next kick. Repeating the current state changes nothing.
+    /// them at SET_FEATURES without PROTOCOL_FEATURES); see `RxQueue::set_enabled` and
+    /// `TxQueue::set_enabled`. Repeating the current state changes nothing.
     pub fn set_ring_enabled(&mut self, rx: bool, enabled: bool) {
+        let (rxq, txq, env) = parts!(self);
         if rx {
-            if std::mem::replace(&mut self.rx_enabled, enabled) != enabled {
-                let n = self.socket.discard_queued(DISCARD_LIMIT);
-                self.stats.rx_drop_disabled += n as u64 + self.rx.drop_pending();
-            }
-            if enabled {
-                self.arm_rx();
-            } else {
-                self.disarm_rx();
-            }
+            rxq.set_enabled(env, enabled);
         } else {
-            self.tx_enabled = enabled;
-            if let Err(e) = self.resched.write(1) {
-                warn!("queue pair {}: waking the worker: {e}", self.index);
-            }
+            txq.set_enabled(enabled, env.index);
         }
     }
 
     /// Whether the frontend has the RX and TX rings enabled.
     pub fn rings_enabled(&self) -> (bool, bool) {
-        (self.rx_enabled, self.tx_enabled)
+        (self.rx.enabled(), self.tx.enabled())
     }
 
     /// GET_VRING_BASE stopped one of our rings. Nothing is staged between passes (every pass
@@ -281,14 +206,10 @@ impl QueuePair {
     /// about the old ring (interrupt state, broken flag, a half-delivered GSO frame).
     pub fn stop_ring(&mut self, rx: bool) {
         if rx {
-            self.disarm_rx();
-            self.rx_broken = false;
-            self.rx_wants_beyond = None;
-            self.stats.rx_drop_disabled += self.rx.reset();
+            self.rx
+                .stop(self.registry.as_ref(), self.index, &mut self.stats);
         } else {
-            self.disarm_tx();
-            self.tx_broken = false;
-            self.tx.reset();
+            self.tx.stop(self.registry.as_ref(), self.index);
         }
     }
 
@@ -325,11 +246,11 @@ impl QueuePair {
             }
             e if e == self.ids.socket_readable => self.process_rx(rx_vring, true),
             e if e == self.ids.socket_writable => {
-                self.disarm_tx();
+                self.tx.writable(self.registry.as_ref(), self.index);
                 self.process_tx(tx_vring)
             }
             e if e == self.ids.resched => {
-                let _ = self.resched.read();
+                self.tx.rescheduled();
                 self.process_tx(tx_vring)
             }
             other => {
@@ -339,191 +260,15 @@ impl QueuePair {
         }
     }
 
-    /// `look_first`: the socket has frames (rather than the guest new buffers); see
-    /// `RxContext::look_first`.
     fn process_rx(&mut self, vring: &VringRwLock, look_first: bool) -> io::Result<()> {
-        let Some(atomic) = self.mem.as_ref() else {
-            self.disarm_rx();
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() || !self.rx_enabled {
-            drop(state);
-            self.disarm_rx();
-            return Ok(());
-        }
-        // Whatever woke us, the guest need not kick RX while we are consuming its buffers.
-        let _ = state.get_queue_mut().disable_notification(&*mem);
-        loop {
-            if ring_broken(state.get_queue(), &mem) {
-                if !std::mem::replace(&mut self.rx_broken, true) {
-                    self.stats.rx_drop_bad_chain += 1;
-                    warn!("queue pair {}: the guest broke its RX ring (avail index beyond the queue); not using it until it is put right", self.index);
-                }
-                drop(state);
-                self.disarm_rx();
-                return Ok(());
-            }
-            self.rx_broken = false;
-            let pass = self.rx.process(&mut RxContext {
-                queue: state.get_queue_mut(),
-                mem: &mem,
-                socket: &*self.socket,
-                features: self.features,
-                stats: &mut self.stats,
-                look_first,
-            });
-            if pass.notify {
-                state
-                    .signal_used_queue()
-                    .map_err(|e| worker_failure(&mut self.stats.rx_worker_errors, CALL_RX, e))?;
-            }
-            match pass.outcome {
-                RxOutcome::Drained | RxOutcome::Budget => {
-                    drop(state);
-                    self.arm_rx();
-                    return Ok(());
-                }
-                RxOutcome::NeedBuffers => {
-                    // Ask for a kick when the guest adds buffers beyond those we have seen;
-                    // if it added some meanwhile, carry on.
-                    let queue = state.get_queue_mut();
-                    let rewound = queue.next_avail();
-                    queue.set_next_avail(pass.avail_seen);
-                    let more = queue.enable_notification(&*mem).unwrap_or(false);
-                    queue.set_next_avail(rewound);
-                    if !more {
-                        drop(state);
-                        // Stop polling: the kernel queues (then drops and counts) meanwhile.
-                        self.disarm_rx();
-                        self.rx_wants_beyond = Some(pass.avail_seen);
-                        return Ok(());
-                    }
-                    let _ = queue.disable_notification(&*mem);
-                }
-            }
-        }
+        let (rx, _, env) = parts!(self);
+        rx.process(env, vring, look_first)
     }
 
     fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(atomic) = self.mem.as_ref() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
-            return Ok(());
-        }
-        if !self.tx_enabled {
-            drop(state);
-            self.disarm_tx();
-            return self.discard_tx(vring);
-        }
-        if self.tx_armed {
-            return Ok(());
-        }
-        loop {
-            if !self.tx_ring_usable(state.get_queue(), &mem) {
-                return Ok(());
-            }
-            let _ = state.get_queue_mut().disable_notification(&*mem);
-            let pass = self.tx.process(&mut TxContext {
-                queue: state.get_queue_mut(),
-                mem: &mem,
-                socket: &*self.socket,
-                features: self.features,
-                stats: &mut self.stats,
-                source_mac: self.guest_mac.source_check(),
-            });
-            if pass.notify {
-                state
-                    .signal_used_queue()
-                    .map_err(|e| worker_failure(&mut self.stats.tx_worker_errors, CALL_TX, e))?;
-            }
-            match pass.outcome {
-                // A busy-polling worker looks again without being kicked; it turns
-                // notifications back on when it stops polling.
-                TxOutcome::Drained if self.busy_poll.is_some() => return Ok(()),
-                TxOutcome::Drained => {
-                    if !state
-                        .get_queue_mut()
-                        .enable_notification(&*mem)
-                        .unwrap_or(false)
-                    {
-                        return Ok(());
-                    }
-                }
-                TxOutcome::Blocked => {
-                    drop(state);
-                    self.arm_tx();
-                    return Ok(());
-                }
-                TxOutcome::Budget => {
-                    // Let RX and other pairs' events run; come back through the eventfd.
-                    self.reschedule()?;
-                    return Ok(());
-                }
-            }
-        }
-    }
-
-    /// False while the guest's TX ring is broken (avail index beyond the queue); counted and
-    /// logged once each time it breaks.
-    fn tx_ring_usable(&mut self, queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
-        if ring_broken(queue, mem) {
-            if !std::mem::replace(&mut self.tx_broken, true) {
-                self.stats.tx_drop_malformed += 1;
-                warn!("queue pair {}: the guest broke its TX ring (avail index beyond the queue); not using it until it is put right", self.index);
-            }
-            return false;
-        }
-        self.tx_broken = false;
-        true
-    }
-
-    /// Consumes and discards what the guest put on its disabled TX ring.
-    fn discard_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(atomic) = self.mem.as_ref() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let mut state = vring.get_mut();
-        if !self.tx_ring_usable(state.get_queue(), &mem) {
-            return Ok(());
-        }
-        let _ = state.get_queue_mut().disable_notification(&*mem);
-        let pass = self.tx.discard(&mut TxContext {
-            queue: state.get_queue_mut(),
-            mem: &mem,
-            socket: &*self.socket,
-            features: self.features,
-            stats: &mut self.stats,
-            source_mac: None,
-        });
-        if pass.notify {
-            state
-                .signal_used_queue()
-                .map_err(|e| worker_failure(&mut self.stats.tx_worker_errors, CALL_TX, e))?;
-        }
-        if pass.outcome == TxOutcome::Budget {
-            self.reschedule()?;
-        } else if state
-            .get_queue_mut()
-            .enable_notification(&*mem)
-            .unwrap_or(false)
-        {
-            // The guest added chains while notifications were off: come back for them.
-            self.reschedule()?;
-        }
-        Ok(())
-    }
-
-    /// Comes back to TX through the reschedule eventfd, after the other events.
-    fn reschedule(&mut self) -> io::Result<()> {
-        self.resched
-            .write(1)
-            .map_err(|e| worker_failure(&mut self.stats.tx_worker_errors, RESCHEDULE, e))
+        let busy_poll = self.busy_poll.is_some();
+        let (_, tx, env) = parts!(self);
+        tx.process(env, vring, &self.guest_mac, busy_poll)
     }
 
     fn note_work(&mut self) {
@@ -547,13 +292,11 @@ impl QueuePair {
             return Ok(false);
         };
         let mut worked = false;
-        if self.tx_has_work(tx_vring) {
+        if self.tx.has_work(tx_vring, self.mem.as_ref()) {
             self.process_tx(tx_vring)?;
             worked = true;
         }
-        if self.rx_has_work(rx_vring) {
-            // Armed: the socket has frames; otherwise the guest added the buffers RX waited for.
-            let look_first = self.rx_armed;
+        if let Some(look_first) = self.rx.has_work(rx_vring, self.mem.as_ref(), &*self.socket) {
             self.process_rx(rx_vring, look_first)?;
             worked = true;
         }
@@ -563,7 +306,7 @@ impl QueuePair {
         let now = Instant::now();
         let last_work = self.busy_poll.map_or(now, |b| b.last_work);
         if now.duration_since(last_work) >= idle {
-            if self.tx_notifications_on(tx_vring) && !self.tx_broken {
+            if self.tx.notifications_on(tx_vring, self.mem.as_ref()) {
                 // The guest added chains while it was not kicking: poll on.
                 self.note_work();
                 return Ok(true);
@@ -571,138 +314,257 @@ impl QueuePair {
             return Ok(false);
         }
         if now >= slice_end {
-            self.reschedule()?;
+            self.tx.reschedule(&mut self.stats)?;
             return Ok(false);
         }
         Ok(true)
     }
-
-    /// Chains wait on the TX ring and TX may send.
-    fn tx_has_work(&self, vring: &VringRwLock) -> bool {
-        // A broken ring is looked at again when the guest kicks.
-        if self.tx_armed || !self.tx_enabled || self.tx_broken {
-            return false;
-        }
-        self.avail_beyond(vring, None)
-    }
-
-    /// Frames wait on the socket for an RX ring with buffers, or the guest added the buffers
-    /// RX was waiting for.
-    fn rx_has_work(&self, vring: &VringRwLock) -> bool {
-        if !self.rx_enabled || self.rx_broken {
-            return false;
-        }
-        if self.rx_armed {
-            return self.socket.readable().unwrap_or(false);
-        }
-        self.rx_wants_beyond
-            .is_some_and(|seen| self.avail_beyond(vring, Some(seen)))
-    }
-
-    /// The ring's avail index differs from `seen` (default: what was consumed).
-    fn avail_beyond(&self, vring: &VringRwLock, seen: Option<u16>) -> bool {
-        let Some(atomic) = self.mem.as_ref() else {
-            return false;
-        };
-        let state = vring.get_ref();
-        let queue = state.get_queue();
-        if !queue.ready() || !state.is_enabled() {
-            return false;
-        }
-        let seen = seen.unwrap_or_else(|| queue.next_avail());
-        queue
-            .avail_idx(&*atomic.memory(), std::sync::atomic::Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != seen)
-    }
-
-    /// Asks the guest to kick TX again; true if it added chains meanwhile.
-    fn tx_notifications_on(&self, vring: &VringRwLock) -> bool {
-        let Some(atomic) = self.mem.as_ref() else {
-            return false;
-        };
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() || self.tx_armed {
-            return false;
-        }
-        state
-            .get_queue_mut()
-            .enable_notification(&*atomic.memory())
-            .unwrap_or(false)
-    }
-
-    fn registry(&self) -> Option<std::sync::Arc<dyn EventRegistry>> {
-        self.registry.as_ref().and_then(|w| w.upgrade())
-    }
-
-    fn arm_rx(&mut self) {
-        self.rx_wants_beyond = None;
-        self.watch(Watch::Readable, true);
-    }
-
-    fn disarm_rx(&mut self) {
-        self.watch(Watch::Readable, false);
-    }
-
-    fn arm_tx(&mut self) {
-        self.watch(Watch::Writable, true);
-    }
-
-    fn disarm_tx(&mut self) {
-        self.watch(Watch::Writable, false);
-    }
-
-    /// Starts or stops polling the socket for one condition; a no-op if already so.
-    fn watch(&mut self, which: Watch, on: bool) {
-        let (armed, fd, events, id) = match which {
-            Watch::Readable => (
-                self.rx_armed,
-                self.socket.as_raw_fd(),
-                EventSet::IN,
-                self.ids.socket_readable,
-            ),
-            Watch::Writable => (
-                self.tx_armed,
-                self.writable_fd.as_raw_fd(),
-                EventSet::OUT,
-                self.ids.socket_writable,
-            ),
-        };
-        if armed == on {
-            return;
-        }
-        let Some(registry) = self.registry() else {
-            // No connection: nothing is polled, and that is the state to record.
-            if !on {
-                self.set_armed(which, false);
-            }
-            return;
-        };
-        let result = if on {
-            registry.register(fd, events, id.into())
-        } else {
-            registry.unregister(fd, events, id.into())
-        };
-        match result {
-            Ok(()) => self.set_armed(which, on),
-            // Unregistering can only fail if the epoll set is gone with its connection.
-            Err(_) if !on => self.set_armed(which, false),
-            Err(e) => warn!("queue pair {}: polling the packet socket: {e}", self.index),
-        }
-    }
-
-    fn set_armed(&mut self, which: Watch, on: bool) {
-        match which {
-            Watch::Readable => self.rx_armed = on,
-            Watch::Writable => self.tx_armed = on,
-        }
-    }
 }
 
-/// What a queue pair may poll its packet socket for.
-#[derive(Clone, Copy, Debug)]
-enum Watch {
-    /// Frames to receive (only while the guest has RX buffers).
-    Readable,
-    /// Room to send (only while TX is blocked).
-    Writable,
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+    use std::sync::Mutex;
+
+    use libc::{iovec, mmsghdr};
+    use vhost_user_backend::VringT;
+
+    use super::queue::DISCARD_LIMIT;
+    use super::rx::FrameSource;
+    use super::test_ring::{Guest, AVAIL, DESC, QSIZE, USED};
+    use super::tx::tests::{sink, Sink};
+    use super::tx::FrameSink;
+    use super::*;
+    use crate::packet::socket::RecvLen;
+
+    /// A packet socket as the pair sees it: TX goes to the scripted [`Sink`]; RX has `queued`
+    /// frames that only `discard_queued` takes (receiving finds none).
+    struct Io {
+        sink: Sink,
+        queued: Cell<usize>,
+        /// Stands for the socket's descriptor.
+        fd: OwnedFd,
+    }
+
+    impl FrameSource for Io {
+        fn kernel_vnet_header_len(&self) -> usize {
+            HDR_LEN
+        }
+        fn pending_len(&self) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn take_error(&self) -> io::Result<Option<io::Error>> {
+            Ok(None)
+        }
+        unsafe fn recv(&self, _iov: &mut [iovec]) -> io::Result<RecvLen> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    impl FrameSink for Io {
+        fn kernel_vnet_header_len(&self) -> usize {
+            HDR_LEN
+        }
+        unsafe fn send_batch(&self, msgs: &mut [mmsghdr]) -> io::Result<usize> {
+            // SAFETY: the caller's guarantee is passed on unchanged.
+            unsafe { self.sink.send_batch(msgs) }
+        }
+    }
+
+    impl AsRawFd for Io {
+        fn as_raw_fd(&self) -> RawFd {
+            self.fd.as_raw_fd()
+        }
+    }
+
+    impl PairSocket for Io {
+        fn try_clone(&self) -> io::Result<OwnedFd> {
+            self.fd.try_clone()
+        }
+        fn readable(&self) -> io::Result<bool> {
+            Ok(self.queued.get() > 0)
+        }
+        fn discard_queued(&self, max: usize) -> usize {
+            let n = self.queued.get().min(max);
+            self.queued.set(self.queued.get() - n);
+            n
+        }
+        fn drops(&self) -> io::Result<u32> {
+            Ok(0)
+        }
+        fn set_vnet_header_len(&self, _len: usize) -> Result<(), PacketError> {
+            Ok(())
+        }
+    }
+
+    /// An epoll handler that records what was registered (true) and unregistered, by id.
+    #[derive(Default)]
+    struct Registry {
+        calls: Mutex<Vec<(bool, u64)>>,
+    }
+
+    impl Registry {
+        fn take(&self) -> Vec<(bool, u64)> {
+            std::mem::take(&mut self.calls.lock().unwrap())
+        }
+    }
+
+    impl EventRegistry for Registry {
+        fn register(&self, _fd: RawFd, _events: EventSet, data: u64) -> io::Result<()> {
+            self.calls.lock().unwrap().push((true, data));
+            Ok(())
+        }
+        fn unregister(&self, _fd: RawFd, _events: EventSet, data: u64) -> io::Result<()> {
+            self.calls.lock().unwrap().push((false, data));
+            Ok(())
+        }
+    }
+
+    /// The legacy header of a pair whose guest acked no features.
+    const HDR_LEN: usize = 10;
+    const IDS: EventIds = EventIds {
+        socket_readable: 3,
+        socket_writable: 4,
+        resched: 5,
+    };
+    const READABLE: u64 = IDS.socket_readable as u64;
+    const WRITABLE: u64 = IDS.socket_writable as u64;
+
+    /// A connected pair over `guest`'s memory: `vrings[ring]` is `guest`'s ring (0 RX, 1 TX),
+    /// the other one is not set up.
+    struct Rig {
+        pair: QueuePair<Io, Registry>,
+        registry: Arc<Registry>,
+        vrings: Vec<VringRwLock>,
+        io: Arc<Io>,
+    }
+
+    // The pair shares its socket as a device does; these tests stay on one thread.
+    #[allow(clippy::arc_with_non_send_sync)]
+    fn rig(guest: &Guest, ring: usize, busy_poll: Option<Duration>) -> Rig {
+        let io = Arc::new(Io {
+            sink: sink(HDR_LEN),
+            queued: Cell::new(0),
+            fd: std::fs::File::open("/dev/null").unwrap().into(),
+        });
+        let mem = GuestMemory::new(guest.mem.clone());
+        let vrings: Vec<VringRwLock> = (0..2)
+            .map(|_| VringRwLock::new(mem.clone(), QSIZE).unwrap())
+            .collect();
+        let v = &vrings[ring];
+        v.set_queue_size(QSIZE);
+        v.set_queue_info(DESC, AVAIL, USED).unwrap();
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+        let policy = MacPolicy {
+            guest_mac: None,
+            promisc: false,
+            allow_spoofing: true,
+        };
+        let mac = Arc::new(GuestMac::new(policy, Vec::new()).unwrap());
+        let mut pair = QueuePair::new(0, io.clone(), IDS, mac, busy_poll).unwrap();
+        let registry = Arc::new(Registry::default());
+        pair.attach(Arc::downgrade(&registry));
+        pair.set_memory(mem);
+        registry.take();
+        Rig {
+            pair,
+            registry,
+            vrings,
+            io,
+        }
+    }
+
+    fn tx_guest(frames: usize) -> Guest {
+        let mut guest = Guest::device_reads();
+        for _ in 0..frames {
+            guest.post_bytes(&[0u8; HDR_LEN + 60], &[HDR_LEN as u32 + 60]);
+        }
+        guest
+    }
+
+    #[test]
+    fn an_rx_ring_disabled_while_armed_is_disarmed_and_re_armed_after_stop_ring() {
+        let guest = Guest::new(&[vec![2048]]);
+        let mut r = rig(&guest, 0, None);
+        r.pair.set_ring_enabled(true, true);
+        assert_eq!(r.registry.take(), [(true, READABLE)]);
+        r.pair.set_ring_enabled(true, false);
+        assert_eq!(r.registry.take(), [(false, READABLE)]);
+        r.pair.set_ring_enabled(true, true);
+        r.pair.stop_ring(true);
+        assert_eq!(r.registry.take(), [(true, READABLE), (false, READABLE)]);
+        // The frontend sets the ring up again and enables it: the socket is polled again.
+        r.pair.set_ring_enabled(true, true);
+        assert_eq!(r.registry.take(), [(true, READABLE)]);
+        assert_eq!(r.pair.rings_enabled(), (true, false));
+    }
+
+    #[test]
+    fn disabling_rx_throws_away_at_most_discard_limit_frames() {
+        let guest = Guest::new(&[vec![2048]]);
+        let mut r = rig(&guest, 0, None);
+        r.pair.set_ring_enabled(true, true);
+        r.io.queued.set(DISCARD_LIMIT + 5);
+        r.pair.set_ring_enabled(true, false);
+        assert_eq!(r.pair.stats().rx_drop_disabled, DISCARD_LIMIT as u64);
+        assert_eq!(r.io.queued.get(), 5);
+        // Repeating the state throws nothing more away.
+        r.pair.set_ring_enabled(true, false);
+        assert_eq!(r.io.queued.get(), 5);
+    }
+
+    #[test]
+    fn a_disabled_tx_ring_is_consumed_and_discarded() {
+        let guest = tx_guest(3);
+        let mut r = rig(&guest, 1, None);
+        r.pair.handle_event(EventIds::TX_KICK, &r.vrings).unwrap();
+        assert_eq!(guest.used().len(), 3);
+        assert!(r.io.sink.sent.borrow().is_empty());
+        assert_eq!(r.registry.take(), []);
+    }
+
+    #[test]
+    fn eagain_on_tx_arms_the_writable_watch_and_a_writable_event_disarms_it() {
+        let guest = tx_guest(3);
+        let mut r = rig(&guest, 1, None);
+        r.pair.set_ring_enabled(false, true);
+        r.io.sink.room.set(1);
+        r.pair.handle_event(EventIds::TX_KICK, &r.vrings).unwrap();
+        assert_eq!(r.registry.take(), [(true, WRITABLE)]);
+        assert_eq!(r.io.sink.sent.borrow().len(), 1);
+        // Kicks while blocked wait for the socket.
+        r.pair.handle_event(EventIds::TX_KICK, &r.vrings).unwrap();
+        assert_eq!(r.io.sink.sent.borrow().len(), 1);
+        r.io.sink.room.set(usize::MAX);
+        r.pair.handle_event(IDS.socket_writable, &r.vrings).unwrap();
+        assert_eq!(r.registry.take(), [(false, WRITABLE)]);
+        assert_eq!(r.io.sink.sent.borrow().len(), 3);
+        assert_eq!(guest.used().len(), 3);
+    }
+
+    #[test]
+    fn busy_polling_stops_once_idle_and_at_the_end_of_each_slice() {
+        let guest = tx_guest(0);
+        let mut r = rig(&guest, 1, Some(Duration::ZERO));
+        r.pair.set_ring_enabled(false, true);
+        r.pair.tx.take_rescheduled();
+        let (rx, tx) = (&r.vrings[0], &r.vrings[1]);
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert!(!r.pair.poll_once(rx, tx, later).unwrap(), "idle");
+        assert!(!r.pair.tx.take_rescheduled(), "idle: the worker sleeps");
+
+        let mut r = rig(&guest, 1, Some(Duration::from_secs(3600)));
+        let (rx, tx) = (&r.vrings[0], &r.vrings[1]);
+        assert!(
+            r.pair.poll_once(rx, tx, later).unwrap(),
+            "neither idle nor at the slice end"
+        );
+        assert!(
+            !r.pair.poll_once(rx, tx, Instant::now()).unwrap(),
+            "slice end"
+        );
+        assert!(r.pair.tx.take_rescheduled(), "the worker comes back");
+    }
 }

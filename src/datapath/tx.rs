@@ -482,7 +482,7 @@ fn source_allowed<S: FrameSink + ?Sized>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::cell::{Cell, RefCell};
 
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -493,21 +493,21 @@ mod tests {
     /// A packet socket as TX sees it, scripted: message `seq` (counting every message the sink
     /// dealt with, sent or refused) is refused with `refuse`'s errno, `room` messages go before
     /// it is full (EAGAIN), at most `per_call` go in one call (a partial send).
-    struct Sink {
+    pub(crate) struct Sink {
         hdr_len: usize,
         refuse: Vec<(usize, i32)>,
-        room: Cell<usize>,
+        pub(crate) room: Cell<usize>,
         per_call: usize,
         /// Interrupted (EINTR) before the next call does anything.
         interrupt: Cell<bool>,
         seq: Cell<usize>,
         /// The bytes of every message sent, and whether its first iovec was in guest memory.
-        sent: RefCell<Vec<(Vec<u8>, *const u8)>>,
+        pub(crate) sent: RefCell<Vec<(Vec<u8>, *const u8)>>,
         /// Called before each send: stands for another vCPU writing guest memory meanwhile.
         meddle: Option<Box<dyn Fn()>>,
     }
 
-    fn sink(hdr_len: usize) -> Sink {
+    pub(crate) fn sink(hdr_len: usize) -> Sink {
         Sink {
             hdr_len,
             refuse: Vec::new(),
