@@ -62,6 +62,7 @@ const REQ_SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
 const REQ_SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
 const REQ_ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
 const REQ_REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
+const REQ_SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
 /// Protocol version 1, in the header's VERSION bits (the only version there is).
 const FLAG_VERSION: u32 = 0x1 & VhostUserHeaderFlag::VERSION.bits();
 const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
@@ -100,6 +101,12 @@ impl Message {
         let size = std::mem::size_of::<VhostUserVringState>();
         let state = VhostUserVringState::from_slice(self.payload.get(..size)?)?;
         Some((state.index, state.num))
+    }
+
+    /// SEND_RARP's payload: a MAC in the low six bytes of a u64, nothing else.
+    fn mac_payload(&self) -> Option<[u8; 6]> {
+        let bytes: [u8; 8] = self.payload.as_slice().try_into().ok()?;
+        (bytes[6..] == [0, 0]).then(|| bytes[..6].try_into().expect("six bytes"))
     }
 
     fn u64_payload(&self) -> Option<u64> {
@@ -184,6 +191,8 @@ pub trait RingSwitch: Send {
     /// RESET_OWNER: forget the acked features and every ring's state, as the handler forgets
     /// its acked features.
     fn reset(&self);
+    /// SEND_RARP (after a migration): announce the guest's MAC on the host's network.
+    fn announce(&self, mac: [u8; 6]);
 }
 
 /// The private socket the request handler connects to, one hop behind the relay.
@@ -435,6 +444,25 @@ fn forward_requests(
                 rings.reset();
                 msg.write(handler)?;
             }
+            // vhost 0.18's handler has no case for it and would end the session.
+            REQ_SEND_RARP => match msg.mac_payload() {
+                Some(mac) if session.protocol_acked => {
+                    rings.announce(mac);
+                    answer(&msg, 0, to_frontend)?;
+                }
+                Some(_) => refuse(
+                    &msg,
+                    "SEND_RARP before the frontend acked PROTOCOL_FEATURES",
+                    to_frontend,
+                )?,
+                None => {
+                    let why = format!(
+                        "SEND_RARP with a {}-byte payload (a MAC padded to 8 bytes expected)",
+                        msg.payload.len()
+                    );
+                    refuse(&msg, &why, to_frontend)?;
+                }
+            },
             REQ_SET_MEM_TABLE => {
                 session.regions.clear();
                 msg.write(handler)?;
@@ -515,6 +543,9 @@ mod tests {
         fn reset(&self) {
             self.calls.lock().unwrap().push((u32::MAX, false));
         }
+
+        // tests/datapath.rs covers SEND_RARP end to end.
+        fn announce(&self, _mac: [u8; 6]) {}
     }
 
     type Record = Arc<Mutex<Vec<(u32, bool)>>>;
