@@ -4,7 +4,7 @@
 //! The backend itself holds no lock on the hot path: each queue pair has its own mutex, taken
 //! by that pair's worker thread (and briefly by the protocol thread on configuration changes).
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -23,10 +23,12 @@ use crate::affinity;
 use crate::config::MacAddr;
 use crate::datapath::{EventRegistry, GuestMac, GuestMemory, QueuePair, BUSY_SLICE};
 use crate::packet::fanout::{FanoutHandle, Steering};
+use crate::packet::socket::VNET_HDR_MRG_LEN;
 use crate::relay::RingSwitch;
 use crate::stats::PairStats;
 use crate::virtio::config_space::NetConfigSpace;
 use crate::virtio::features::{self, Negotiated};
+use crate::wire::rarp;
 
 impl EventRegistry for VringEpollHandler<NetBackend> {
     fn register(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()> {
@@ -310,6 +312,31 @@ impl RingSwitch for NetBackend {
         }
         if rx && enabled {
             steering.set(pair, true);
+        }
+    }
+
+    fn announce(&self, mac: [u8; 6]) {
+        self.shared.guest_mac.announced(mac);
+        let Some(pair) = self.pair(0) else { return };
+        let socket = pair.socket();
+        // A header of zeros: no offload for a 60-byte frame.
+        let header = [0u8; VNET_HDR_MRG_LEN];
+        let frame = rarp::announcement(mac);
+        let bufs = [
+            IoSlice::new(&header[..socket.kernel_vnet_header_len()]),
+            IoSlice::new(&frame),
+        ];
+        match socket.send_vectored(&bufs) {
+            Ok(_) => info!(
+                "SEND_RARP: announced {} on {} (RARP)",
+                MacAddr(mac),
+                socket.interface_name()
+            ),
+            Err(e) => warn!(
+                "SEND_RARP: sending the RARP announcement of {} on {}: {e}",
+                MacAddr(mac),
+                socket.interface_name()
+            ),
         }
     }
 }

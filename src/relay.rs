@@ -37,29 +37,37 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{debug, warn};
+use vhost::vhost_user::message::{
+    self, FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, VhostUserVringState,
+};
+use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// vhost-user message header: request, flags, payload size (all u32, little-endian).
+/// vhost-user message header: request, flags, payload size (all u32, little-endian). vhost 0.18
+/// keeps its `VhostUserMsgHeader` crate-private, so the layout is spelled out here.
 const HEADER_LEN: usize = 12;
 /// Largest payload vhost 0.18 accepts.
-const MAX_PAYLOAD: usize = 0x1000;
-/// Most descriptors one message carries (vhost's `MAX_ATTACHED_FD_ENTRIES`).
-const MAX_FDS: usize = 32;
+const MAX_PAYLOAD: usize = message::MAX_MSG_SIZE;
+/// Most descriptors one message carries.
+const MAX_FDS: usize = message::MAX_ATTACHED_FD_ENTRIES;
 
-const REQ_SET_FEATURES: u32 = 2;
-const REQ_RESET_OWNER: u32 = 4;
-const REQ_SET_MEM_TABLE: u32 = 5;
-const REQ_SET_VRING_NUM: u32 = 8;
-const REQ_GET_VRING_BASE: u32 = 11;
-const REQ_SET_VRING_KICK: u32 = 12;
-const REQ_SET_VRING_ERR: u32 = 14;
-const REQ_SET_VRING_ENABLE: u32 = 18;
-const REQ_ADD_MEM_REG: u32 = 37;
-const REQ_REM_MEM_REG: u32 = 38;
-const FLAG_VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+// The request codes the relay looks at, as they travel in the header.
+const REQ_SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+const REQ_RESET_OWNER: u32 = FrontendReq::RESET_OWNER as u32;
+const REQ_SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const REQ_SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
+const REQ_GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
+const REQ_SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+const REQ_SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
+const REQ_SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+const REQ_ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+const REQ_REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
+const REQ_SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
+/// Protocol version 1, in the header's VERSION bits (the only version there is).
+const FLAG_VERSION: u32 = 0x1 & VhostUserHeaderFlag::VERSION.bits();
+const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// One vhost-user message with the descriptors that came with it.
 struct Message {
@@ -86,6 +94,19 @@ impl Message {
         Some(u32::from_le_bytes(
             self.payload.get(4 * i..4 * i + 4)?.try_into().ok()?,
         ))
+    }
+
+    /// The (index, num) of a ring-state payload, read through vhost's own type.
+    fn vring_state(&self) -> Option<(u32, u32)> {
+        let size = std::mem::size_of::<VhostUserVringState>();
+        let state = VhostUserVringState::from_slice(self.payload.get(..size)?)?;
+        Some((state.index, state.num))
+    }
+
+    /// SEND_RARP's payload: a MAC in the low six bytes of a u64, nothing else.
+    fn mac_payload(&self) -> Option<[u8; 6]> {
+        let bytes: [u8; 8] = self.payload.as_slice().try_into().ok()?;
+        (bytes[6..] == [0, 0]).then(|| bytes[..6].try_into().expect("six bytes"))
     }
 
     fn u64_payload(&self) -> Option<u64> {
@@ -170,6 +191,8 @@ pub trait RingSwitch: Send {
     /// RESET_OWNER: forget the acked features and every ring's state, as the handler forgets
     /// its acked features.
     fn reset(&self);
+    /// SEND_RARP (after a migration): announce the guest's MAC on the host's network.
+    fn announce(&self, mac: [u8; 6]);
 }
 
 /// The private socket the request handler connects to, one hop behind the relay.
@@ -181,9 +204,10 @@ pub struct InternalSocket {
 
 impl InternalSocket {
     /// Listens in a new directory only this user can enter, so no other process can take the
-    /// handler's place.
+    /// handler's place. Only this process's own directory is ever removed (at drop, and by the
+    /// daemon's exit cleanup): a PID seen from here says nothing about an instance in another
+    /// PID namespace sharing $TMPDIR, so a directory left by a killed instance stays.
     pub fn new() -> io::Result<InternalSocket> {
-        remove_stale_dirs(&std::env::temp_dir());
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -211,31 +235,6 @@ impl InternalSocket {
     /// The directory to remove at exit.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-}
-
-/// Removes the directories of earlier instances that were killed before they could clean up
-/// (named `vhost-packet-<pid>-<suffix>`, for a pid that no longer runs).
-fn remove_stale_dirs(tmp: &Path) {
-    let Ok(entries) = fs::read_dir(tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("vhost-packet-"))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if Path::new("/proc").join(pid.to_string()).exists() {
-            continue;
-        }
-        let dir = entry.path();
-        let _ = fs::remove_file(dir.join("handler.sock"));
-        let _ = fs::remove_dir(&dir);
     }
 }
 
@@ -411,16 +410,14 @@ fn forward_requests(
                     msg.write(handler)?;
                 }
             }
-            REQ_SET_VRING_ENABLE if !session.protocol_acked && msg.payload.len() >= 8 => {
-                let index = u32::from_le_bytes(msg.payload[0..4].try_into().expect("4 bytes"));
-                let state = u32::from_le_bytes(msg.payload[4..8].try_into().expect("4 bytes"));
+            REQ_SET_VRING_ENABLE if !session.protocol_acked && msg.vring_state().is_some() => {
+                let (index, state) = msg.vring_state().expect("checked by the guard");
                 debug!("holding SET_VRING_ENABLE({index}, {state}) until SET_FEATURES");
                 session.held.insert(index, state);
                 answer(&msg, 0, to_frontend)?;
             }
-            REQ_SET_VRING_ENABLE if msg.payload.len() >= 8 => {
-                let index = u32::from_le_bytes(msg.payload[0..4].try_into().expect("4 bytes"));
-                let state = u32::from_le_bytes(msg.payload[4..8].try_into().expect("4 bytes"));
+            REQ_SET_VRING_ENABLE if msg.vring_state().is_some() => {
+                let (index, state) = msg.vring_state().expect("checked by the guard");
                 // Before the handler answers, so that a frontend waiting for the reply finds
                 // the backend already following the new state.
                 rings.set_ring_enabled(index, state != 0);
@@ -447,6 +444,25 @@ fn forward_requests(
                 rings.reset();
                 msg.write(handler)?;
             }
+            // vhost 0.18's handler has no case for it and would end the session.
+            REQ_SEND_RARP => match msg.mac_payload() {
+                Some(mac) if session.protocol_acked => {
+                    rings.announce(mac);
+                    answer(&msg, 0, to_frontend)?;
+                }
+                Some(_) => refuse(
+                    &msg,
+                    "SEND_RARP before the frontend acked PROTOCOL_FEATURES",
+                    to_frontend,
+                )?,
+                None => {
+                    let why = format!(
+                        "SEND_RARP with a {}-byte payload (a MAC padded to 8 bytes expected)",
+                        msg.payload.len()
+                    );
+                    refuse(&msg, &why, to_frontend)?;
+                }
+            },
             REQ_SET_MEM_TABLE => {
                 session.regions.clear();
                 msg.write(handler)?;
@@ -527,6 +543,9 @@ mod tests {
         fn reset(&self) {
             self.calls.lock().unwrap().push((u32::MAX, false));
         }
+
+        // tests/datapath.rs covers SEND_RARP end to end.
+        fn announce(&self, _mac: [u8; 6]) {}
     }
 
     type Record = Arc<Mutex<Vec<(u32, bool)>>>;
@@ -769,22 +788,20 @@ mod tests {
         t.join().unwrap().unwrap();
     }
 
+    /// A handler socket whose PID this process cannot see (another instance in another PID
+    /// namespace, sharing $TMPDIR) belongs to someone else: starting must not remove it.
     #[test]
-    fn stale_directories_of_dead_processes_are_removed() {
-        let tmp = std::env::temp_dir().join(format!("vp-stale-test-{}", std::process::id()));
-        fs::create_dir_all(&tmp).unwrap();
-        // PIDs are below 2^22 on Linux: this one cannot run.
-        let dead = tmp.join("vhost-packet-4294967-0000beef");
-        let alive = tmp.join(format!("vhost-packet-{}-0000cafe", std::process::id()));
-        let other = tmp.join("vhost-packet-notapid");
-        for d in [&dead, &alive, &other] {
-            fs::create_dir_all(d).unwrap();
-        }
-        fs::write(dead.join("handler.sock"), b"").unwrap();
-        remove_stale_dirs(&tmp);
-        assert!(!dead.exists());
-        assert!(alive.exists() && other.exists());
-        fs::remove_dir_all(&tmp).unwrap();
+    fn starting_leaves_other_instances_handler_sockets_alone() {
+        // PIDs are below 2^22 on Linux: this one is not visible here, as a PID of another
+        // namespace would not be.
+        let other = std::env::temp_dir().join("vhost-packet-4294967-0000beef");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("handler.sock"), b"").unwrap();
+        let ours = InternalSocket::new().unwrap();
+        let survived = other.join("handler.sock").exists();
+        let _ = fs::remove_dir_all(&other);
+        assert!(survived, "another instance's handler socket was removed");
+        drop(ours);
     }
 
     #[test]

@@ -130,6 +130,12 @@ impl GuestMac {
         Some(source)
     }
 
+    /// The frontend announced the guest's MAC (SEND_RARP, after a migration): learned, unless
+    /// a MAC is already in force.
+    pub fn announced(&self, mac: [u8; 6]) {
+        self.learn(mac);
+    }
+
     /// The frontend set the MAC (SET_CONFIG): it holds until the connection ends.
     pub fn set_by_frontend(&self, mac: [u8; 6]) -> Result<(), PacketError> {
         let mut state = self.lock();

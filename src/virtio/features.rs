@@ -71,6 +71,8 @@ pub fn offered_protocol() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        // SEND_RARP after a migration, for guests without GUEST_ANNOUNCE (the relay takes it).
+        | VhostUserProtocolFeatures::RARP
 }
 
 /// The datapath's view of an acked feature set: one query per decision it has to make.

@@ -13,6 +13,7 @@ pub mod checksum;
 pub mod ethernet;
 pub mod ipv4;
 pub mod ipv6;
+pub mod rarp;
 pub mod tcp;
 pub mod udp;
 
