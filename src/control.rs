@@ -364,3 +364,57 @@ mod tests {
         );
     }
 }
+
+/// Byte-exact renderings of `example_snapshot` (and the metrics test's two-pair variant), kept
+/// in src/golden so that a change to how counters are defined cannot change what users parse.
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    fn two_pairs() -> Snapshot {
+        let mut s = example_snapshot();
+        s.pairs.push(PairStats {
+            tx_bytes: 9,
+            ..Default::default()
+        });
+        s.enabled.push((false, false));
+        s
+    }
+
+    fn check(name: &str, got: &str, want: &str) {
+        assert_eq!(got, want, "src/golden/{name} changed");
+    }
+
+    #[test]
+    fn json_is_unchanged() {
+        check(
+            "stats.json",
+            &two_pairs().to_json(),
+            include_str!("golden/stats.json"),
+        );
+    }
+
+    #[test]
+    fn table_is_unchanged() {
+        check(
+            "stats.table",
+            &two_pairs().to_table(),
+            include_str!("golden/stats.table"),
+        );
+    }
+
+    #[test]
+    fn log_line_is_unchanged() {
+        let line = example_snapshot().pairs[0].to_string() + "\n";
+        check("sigusr1.txt", &line, include_str!("golden/sigusr1.txt"));
+    }
+
+    #[test]
+    fn prometheus_is_unchanged() {
+        check(
+            "metrics.prom",
+            &crate::metrics::render(&two_pairs()),
+            include_str!("golden/metrics.prom"),
+        );
+    }
+}

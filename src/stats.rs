@@ -3,127 +3,93 @@
 
 use std::fmt;
 
-/// Counters of one queue pair. "rx" is interface to guest, "tx" guest to interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PairStats {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
+/// Defines `PairStats` and everything derived from its list of counters (the sum, `counters()`,
+/// and so every rendering) from one table: field, direction, name, whether it counts drops.
+/// The table's order is the order logs, tables, JSON and Prometheus show.
+macro_rules! pair_stats {
+    ($($(#[$doc:meta])* $field:ident: $dir:ident, $name:literal, $drop:literal;)*) => {
+        /// Counters of one queue pair. "rx" is interface to guest, "tx" guest to interface.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct PairStats {
+            $($(#[$doc])* pub $field: u64,)*
+        }
+
+        impl std::ops::AddAssign for PairStats {
+            fn add_assign(&mut self, o: PairStats) {
+                $(self.$field += o.$field;)*
+            }
+        }
+
+        impl PairStats {
+            /// Every counter, in the order logs and tables show them.
+            pub fn counters(&self) -> [Counter; pair_stats!(@count $($field)*)] {
+                [$(Counter {
+                    direction: Direction::$dir,
+                    name: $name,
+                    drop: $drop,
+                    value: self.$field,
+                },)*]
+            }
+        }
+    };
+    (@count $($f:ident)*) => { 0 $(+ pair_stats!(@one $f))* };
+    (@one $f:ident) => { 1 };
+}
+
+pair_stats! {
+    rx_packets: Rx, "packets", false;
+    rx_bytes: Rx, "bytes", false;
     /// Packets delivered with a GSO header (segmentation left to the guest).
-    pub rx_gso: u64,
+    rx_gso: Rx, "gso", false;
     /// Packets spread over more than one guest buffer.
-    pub rx_multi_buffer: u64,
+    rx_multi_buffer: Rx, "multi_buffer", false;
     /// Checksums finished in software for a guest without GUEST_CSUM.
-    pub rx_csum_completed: u64,
+    rx_csum_completed: Rx, "csum_completed", false;
     /// GSO frames the guest could not take whole, delivered as segments made in software.
-    pub rx_segmented: u64,
+    rx_segmented: Rx, "segmented", false;
+    rx_notifications: Rx, "notifications", false;
+    rx_kicks: Rx, "kicks", false;
+    /// Times the worker failed while receiving (signalling the guest): each ends the
+    /// connection, so that the frontend reconnects.
+    rx_worker_errors: Rx, "worker_errors", false;
     /// Frames larger than the guest buffers could take.
-    pub rx_drop_oversize: u64,
+    rx_drop_oversize: Rx, "oversize", true;
     /// Frames the kernel dropped while the guest had no buffers (PACKET_STATISTICS), and
     /// software segments the guest had no buffers for.
-    pub rx_drop_no_buffers: u64,
+    rx_drop_no_buffers: Rx, "no_buffers", true;
     /// GSO or checksum metadata the guest did not negotiate.
-    pub rx_drop_offload: u64,
+    rx_drop_offload: Rx, "offload", true;
     /// Guest RX chains that were malformed.
-    pub rx_drop_bad_chain: u64,
+    rx_drop_bad_chain: Rx, "bad_chain", true;
     /// recvmsg errors (the kernel could not express a packet's metadata, link down).
-    pub rx_drop_kernel: u64,
+    rx_drop_kernel: Rx, "kernel", true;
     /// Frames queued for this pair when the frontend disabled its RX ring, thrown away so
     /// that they do not arrive late, after frames of the same flows on other pairs; and the
     /// undelivered segments of a GSO frame whose RX ring was disabled or stopped.
-    pub rx_drop_disabled: u64,
-    pub rx_notifications: u64,
-    pub rx_kicks: u64,
-    /// Times the worker failed while receiving (signalling the guest): each ends the
-    /// connection, so that the frontend reconnects.
-    pub rx_worker_errors: u64,
-
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
+    rx_drop_disabled: Rx, "disabled", true;
+    tx_packets: Tx, "packets", false;
+    tx_bytes: Tx, "bytes", false;
     /// Frames sent with a GSO header.
-    pub tx_gso: u64,
-    /// Malformed chains or headers too short for their frame.
-    pub tx_drop_malformed: u64,
-    /// Offload metadata the guest did not negotiate.
-    pub tx_drop_unnegotiated: u64,
-    /// Frames whose source MAC is not the guest's.
-    pub tx_drop_spoofed: u64,
-    /// Frames over the interface MTU (EMSGSIZE).
-    pub tx_drop_oversize: u64,
-    /// Other send errors: EINVAL (bad header), ENOBUFS (device dropped), ENETDOWN, ...
-    pub tx_drop_kernel: u64,
-    /// Chains the guest put on a disabled TX ring: consumed and given back unsent.
-    pub tx_drop_disabled: u64,
+    tx_gso: Tx, "gso", false;
     /// Times the socket pushed back (EAGAIN) and TX waited for room.
-    pub tx_backpressure: u64,
-    pub tx_notifications: u64,
-    pub tx_kicks: u64,
+    tx_backpressure: Tx, "backpressure", false;
+    tx_notifications: Tx, "notifications", false;
+    tx_kicks: Tx, "kicks", false;
     /// Times the worker failed while sending (signalling the guest, waking itself): each ends
     /// the connection, so that the frontend reconnects.
-    pub tx_worker_errors: u64,
-}
-
-impl std::ops::AddAssign for PairStats {
-    fn add_assign(&mut self, o: PairStats) {
-        // Destructured without `..`: a new counter must be added here to compile.
-        let PairStats {
-            rx_packets,
-            rx_bytes,
-            rx_gso,
-            rx_multi_buffer,
-            rx_csum_completed,
-            rx_segmented,
-            rx_drop_oversize,
-            rx_drop_no_buffers,
-            rx_drop_offload,
-            rx_drop_bad_chain,
-            rx_drop_kernel,
-            rx_drop_disabled,
-            rx_notifications,
-            rx_kicks,
-            rx_worker_errors,
-            tx_packets,
-            tx_bytes,
-            tx_gso,
-            tx_drop_malformed,
-            tx_drop_unnegotiated,
-            tx_drop_spoofed,
-            tx_drop_oversize,
-            tx_drop_kernel,
-            tx_drop_disabled,
-            tx_backpressure,
-            tx_notifications,
-            tx_kicks,
-            tx_worker_errors,
-        } = o;
-        self.rx_packets += rx_packets;
-        self.rx_bytes += rx_bytes;
-        self.rx_gso += rx_gso;
-        self.rx_multi_buffer += rx_multi_buffer;
-        self.rx_csum_completed += rx_csum_completed;
-        self.rx_segmented += rx_segmented;
-        self.rx_drop_oversize += rx_drop_oversize;
-        self.rx_drop_no_buffers += rx_drop_no_buffers;
-        self.rx_drop_offload += rx_drop_offload;
-        self.rx_drop_bad_chain += rx_drop_bad_chain;
-        self.rx_drop_kernel += rx_drop_kernel;
-        self.rx_drop_disabled += rx_drop_disabled;
-        self.rx_notifications += rx_notifications;
-        self.rx_kicks += rx_kicks;
-        self.rx_worker_errors += rx_worker_errors;
-        self.tx_packets += tx_packets;
-        self.tx_bytes += tx_bytes;
-        self.tx_gso += tx_gso;
-        self.tx_drop_malformed += tx_drop_malformed;
-        self.tx_drop_unnegotiated += tx_drop_unnegotiated;
-        self.tx_drop_spoofed += tx_drop_spoofed;
-        self.tx_drop_oversize += tx_drop_oversize;
-        self.tx_drop_kernel += tx_drop_kernel;
-        self.tx_drop_disabled += tx_drop_disabled;
-        self.tx_backpressure += tx_backpressure;
-        self.tx_notifications += tx_notifications;
-        self.tx_kicks += tx_kicks;
-        self.tx_worker_errors += tx_worker_errors;
-    }
+    tx_worker_errors: Tx, "worker_errors", false;
+    /// Malformed chains or headers too short for their frame.
+    tx_drop_malformed: Tx, "malformed", true;
+    /// Offload metadata the guest did not negotiate.
+    tx_drop_unnegotiated: Tx, "unnegotiated", true;
+    /// Frames whose source MAC is not the guest's.
+    tx_drop_spoofed: Tx, "spoofed", true;
+    /// Frames over the interface MTU (EMSGSIZE).
+    tx_drop_oversize: Tx, "oversize", true;
+    /// Other send errors: EINVAL (bad header), ENOBUFS (device dropped), ENETDOWN, ...
+    tx_drop_kernel: Tx, "kernel", true;
+    /// Chains the guest put on a disabled TX ring: consumed and given back unsent.
+    tx_drop_disabled: Tx, "disabled", true;
 }
 
 impl std::iter::Sum for PairStats {
@@ -159,49 +125,6 @@ pub struct Counter {
     /// A count of frames or chains lost, by reason.
     pub drop: bool,
     pub value: u64,
-}
-
-impl PairStats {
-    /// Every counter, in the order logs and tables show them.
-    pub fn counters(&self) -> [Counter; 28] {
-        use Direction::{Rx, Tx};
-        let c = |direction, name, drop, value| Counter {
-            direction,
-            name,
-            drop,
-            value,
-        };
-        [
-            c(Rx, "packets", false, self.rx_packets),
-            c(Rx, "bytes", false, self.rx_bytes),
-            c(Rx, "gso", false, self.rx_gso),
-            c(Rx, "multi_buffer", false, self.rx_multi_buffer),
-            c(Rx, "csum_completed", false, self.rx_csum_completed),
-            c(Rx, "segmented", false, self.rx_segmented),
-            c(Rx, "notifications", false, self.rx_notifications),
-            c(Rx, "kicks", false, self.rx_kicks),
-            c(Rx, "worker_errors", false, self.rx_worker_errors),
-            c(Rx, "oversize", true, self.rx_drop_oversize),
-            c(Rx, "no_buffers", true, self.rx_drop_no_buffers),
-            c(Rx, "offload", true, self.rx_drop_offload),
-            c(Rx, "bad_chain", true, self.rx_drop_bad_chain),
-            c(Rx, "kernel", true, self.rx_drop_kernel),
-            c(Rx, "disabled", true, self.rx_drop_disabled),
-            c(Tx, "packets", false, self.tx_packets),
-            c(Tx, "bytes", false, self.tx_bytes),
-            c(Tx, "gso", false, self.tx_gso),
-            c(Tx, "backpressure", false, self.tx_backpressure),
-            c(Tx, "notifications", false, self.tx_notifications),
-            c(Tx, "kicks", false, self.tx_kicks),
-            c(Tx, "worker_errors", false, self.tx_worker_errors),
-            c(Tx, "malformed", true, self.tx_drop_malformed),
-            c(Tx, "unnegotiated", true, self.tx_drop_unnegotiated),
-            c(Tx, "spoofed", true, self.tx_drop_spoofed),
-            c(Tx, "oversize", true, self.tx_drop_oversize),
-            c(Tx, "kernel", true, self.tx_drop_kernel),
-            c(Tx, "disabled", true, self.tx_drop_disabled),
-        ]
-    }
 }
 
 impl fmt::Display for PairStats {

@@ -25,17 +25,13 @@ impl fmt::Display for Membership {
     }
 }
 
-/// Formats a MAC address as `02:00:00:00:00:01`.
+/// Formats a borrowed MAC address as `02:00:00:00:00:01`, as `config::MacAddr` does.
 pub(crate) struct MacDisplay<'a>(pub(crate) &'a [u8; 6]);
 
 impl fmt::Display for MacDisplay<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        // One MAC formatter for the crate: config's `MacAddr`.
+        fmt::Display::fmt(&crate::config::MacAddr(*self.0), f)
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::config::MacAddr;
 
 /// Status bit: the link is up.
-const VIRTIO_NET_S_LINK_UP: u16 = 1;
+const VIRTIO_NET_S_LINK_UP: u16 = virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 
 mod field {
     use std::ops::Range;

@@ -11,7 +11,9 @@ use std::sync::atomic::{fence, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// `avail.flags` bit: the driver does not want interrupts (without EVENT_IDX).
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+// The bindings declare u32; the avail ring's flags field is u16.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 =
+    virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 /// Offsets inside the split rings.
 const USED_IDX_OFFSET: u64 = 2;
 const USED_RING_OFFSET: u64 = 4;
