@@ -7,6 +7,8 @@
 use std::fmt;
 use std::io;
 
+use crate::config::MacAddr;
+
 /// What a `PACKET_ADD_MEMBERSHIP` / `PACKET_DROP_MEMBERSHIP` request was about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {
@@ -19,19 +21,9 @@ pub enum Membership {
 impl fmt::Display for Membership {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Membership::Unicast(mac) => write!(f, "unicast membership for {}", MacDisplay(mac)),
+            Membership::Unicast(mac) => write!(f, "unicast membership for {}", MacAddr(*mac)),
             Membership::Promisc => f.write_str("promiscuous membership"),
         }
-    }
-}
-
-/// Formats a borrowed MAC address as `02:00:00:00:00:01`, as `config::MacAddr` does.
-pub(crate) struct MacDisplay<'a>(pub(crate) &'a [u8; 6]);
-
-impl fmt::Display for MacDisplay<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // One MAC formatter for the crate: config's `MacAddr`.
-        fmt::Display::fmt(&crate::config::MacAddr(*self.0), f)
     }
 }
 
