@@ -6,7 +6,7 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -41,9 +41,8 @@ impl EventRegistry for VringEpollHandler<NetBackend> {
 }
 
 struct Shared {
-    pairs: Vec<Mutex<QueuePair>>,
-    /// Per pair: control-path threads waiting for its lock (see `poll_busily`).
-    waiting: Vec<AtomicUsize>,
+    /// parking_lot's mutex for `unlock_fair` (see `poll_busily`).
+    pairs: Vec<parking_lot::Mutex<QueuePair>>,
     /// Which pairs receive. Only the control path takes this lock (the relay and protocol
     /// threads), always before a pair's; workers never do.
     steering: Mutex<Steering>,
@@ -85,8 +84,7 @@ impl NetBackend {
         let steering = Steering::new(group, pairs.len());
         NetBackend {
             shared: Arc::new(Shared {
-                waiting: pairs.iter().map(|_| AtomicUsize::new(0)).collect(),
-                pairs: pairs.into_iter().map(Mutex::new).collect(),
+                pairs: pairs.into_iter().map(parking_lot::Mutex::new).collect(),
                 steering: Mutex::new(steering),
                 features,
                 queue_size: queue_size.into(),
@@ -100,48 +98,31 @@ impl NetBackend {
         }
     }
 
-    /// A pair for the control path. A busy-polling worker sees it waiting and lets go.
-    fn pair(&self, index: usize) -> Option<MutexGuard<'_, QueuePair>> {
-        let waiting = self.shared.waiting.get(index)?;
-        waiting.fetch_add(1, Ordering::SeqCst);
-        let guard = self.worker_pair(index);
-        waiting.fetch_sub(1, Ordering::SeqCst);
-        guard
-    }
-
-    /// A pair for its worker.
-    fn worker_pair(&self, index: usize) -> Option<MutexGuard<'_, QueuePair>> {
-        // A worker that panicked while holding the lock leaves the pair usable: its state is
-        // plain data, rebuilt on the next connection.
-        self.shared
-            .pairs
-            .get(index)
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    /// A pair, for its worker or the control path. A worker that panicked while holding the
+    /// lock leaves the pair usable (parking_lot does not poison): its state is plain data,
+    /// rebuilt on the next connection.
+    fn pair(&self, index: usize) -> Option<parking_lot::MutexGuard<'_, QueuePair>> {
+        self.shared.pairs.get(index).map(|m| m.lock())
     }
 
     /// `--busy-poll-us`: the worker polls its pair until it is idle, taking the pair's lock
     /// for one round at a time. A mutex is not fair, and a worker that took it straight back
     /// could keep the control path (vhost-user messages, counters) out for as long as it
-    /// polls; so it waits while the control path wants the pair.
+    /// polls; so each round ends with a fair unlock, which hands the lock to a waiting
+    /// thread first.
     fn poll_busily(&self, index: usize, vrings: &[VringRwLock]) -> io::Result<()> {
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Ok(());
         };
-        let Some(waiting) = self.shared.waiting.get(index) else {
-            return Ok(());
-        };
         let slice_end = Instant::now() + BUSY_SLICE;
         loop {
-            while waiting.load(Ordering::SeqCst) > 0 {
-                std::thread::yield_now();
-            }
-            let Some(mut pair) = self.worker_pair(index) else {
+            let Some(mut pair) = self.pair(index) else {
                 return Ok(());
             };
             if !pair.poll_once(rx, tx, slice_end)? {
                 return Ok(());
             }
-            drop(pair);
+            parking_lot::MutexGuard::unlock_fair(pair);
             std::hint::spin_loop();
         }
     }
@@ -215,7 +196,7 @@ impl NetBackend {
         device_event: u16,
         vrings: &[VringRwLock],
     ) -> io::Result<()> {
-        let Some(mut pair) = self.worker_pair(index) else {
+        let Some(mut pair) = self.pair(index) else {
             return Ok(());
         };
         pair.handle_event(device_event, vrings)?;

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::activation::InheritedSocket;
+use crate::cli::Cli;
 use crate::error::Error;
 
 /// How the vhost-user connection is made.
@@ -39,14 +40,15 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Which virtio net header the packet socket carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which virtio net header the packet socket carries (`--vnet-hdr auto|10`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum VnetHeaderMode {
     /// `PACKET_VNET_HDR_SZ` when the kernel has it (`packet::socket::VNET_HDR_SZ_SINCE`),
     /// else the 10-byte fallback.
     Auto,
     /// Force the 10-byte `PACKET_VNET_HDR` with `num_buffers` handled in userspace, as on
     /// kernels without `PACKET_VNET_HDR_SZ`.
+    #[value(name = "10")]
     Legacy10,
 }
 
@@ -203,33 +205,62 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
 /// CPUs a `cpu_set_t` can name.
 pub const CPU_SETSIZE: usize = libc::CPU_SETSIZE as usize;
 
-/// Unvalidated input, as the command line gives it.
-#[derive(Clone, Debug, Default)]
-pub struct RawConfig {
-    pub socket: Option<PathBuf>,
-    pub client: Option<PathBuf>,
-    /// `--fd N` or the socket systemd passed.
-    pub inherited: Option<InheritedSocket>,
-    pub interface: String,
-    pub mac: Option<String>,
-    pub mtu: Option<u32>,
-    pub queue_size: u32,
-    pub queues: u32,
-    pub cpu_affinity: Option<Vec<usize>>,
-    pub qdisc_bypass: bool,
-    /// `--busy-poll-us`; 0 is off.
-    pub busy_poll_us: u32,
-    pub promisc: bool,
-    pub allow_mac_spoofing: bool,
-    pub legacy_vnet_header: bool,
-    pub socket_mode: String,
-    pub socket_group: Option<String>,
-    pub user: Option<String>,
+/// `--mac`: a MAC a guest can have (unicast).
+pub fn parse_unicast_mac(s: &str) -> Result<MacAddr, String> {
+    let mac: MacAddr = s.parse()?;
+    if !mac.is_unicast() {
+        return Err(format!(
+            "--mac {mac} is a multicast address; a guest needs a unicast one"
+        ));
+    }
+    Ok(mac)
 }
 
-impl Config {
-    pub fn validate(raw: RawConfig) -> Result<Config, Error> {
-        let endpoint = match (raw.socket, raw.client, raw.inherited) {
+/// `--mtu`, within [`MTU_RANGE`].
+pub fn parse_mtu(s: &str) -> Result<u16, String> {
+    match s.parse::<u32>() {
+        Ok(m) if MTU_RANGE.contains(&m) => Ok(m as u16),
+        _ => Err(format!(
+            "--mtu {s} is out of range ({}..={})",
+            MTU_RANGE.start(),
+            MTU_RANGE.end()
+        )),
+    }
+}
+
+/// `--queue-size`: a power of two up to [`MAX_QUEUE_SIZE`].
+pub fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(q) if (2..=MAX_QUEUE_SIZE).contains(&q) && q.is_power_of_two() => Ok(q),
+        _ => Err(format!(
+            "--queue-size {s} must be a power of two from 2 to {MAX_QUEUE_SIZE}"
+        )),
+    }
+}
+
+/// `--socket-mode`: octal permission bits.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    crate::privileges::parse_mode(s)
+        .ok_or_else(|| format!("--socket-mode {s} is not an octal permission mode like 0660"))
+}
+
+/// `--interface`: a name the kernel could have given.
+pub fn parse_interface(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() >= libc::IFNAMSIZ || s.contains('/') {
+        return Err(format!(
+            "invalid interface name '{s}': 1 to {} characters, no '/'",
+            libc::IFNAMSIZ - 1
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+impl TryFrom<Cli> for Config {
+    type Error = Error;
+
+    /// The checks that span options; clap has checked each value.
+    fn try_from(cli: Cli) -> Result<Config, Error> {
+        let endpoint = match (cli.socket_path, cli.client, cli.inherited) {
             (Some(p), None, None) => Endpoint::Server(p),
             (None, Some(p), None) => Endpoint::Client(p),
             (None, None, Some(s)) => Endpoint::Inherited(s),
@@ -244,123 +275,91 @@ impl Config {
                 ))
             }
         };
-        if raw.interface.is_empty()
-            || raw.interface.len() >= libc::IFNAMSIZ
-            || raw.interface.contains('/')
-        {
-            return Err(Error::InvalidArgument(format!(
-                "invalid interface name '{}': 1 to {} characters, no '/'",
-                raw.interface,
-                libc::IFNAMSIZ - 1
-            )));
-        }
-        let mac = match raw.mac {
-            Some(s) => {
-                let mac: MacAddr = s.parse().map_err(Error::InvalidArgument)?;
-                if !mac.is_unicast() {
-                    return Err(Error::InvalidArgument(format!(
-                        "--mac {mac} is a multicast address; a guest needs a unicast one"
-                    )));
-                }
-                Some(mac)
-            }
-            None => None,
-        };
-        let mtu = match raw.mtu {
-            Some(m) if !MTU_RANGE.contains(&m) => {
-                return Err(Error::InvalidArgument(format!(
-                    "--mtu {m} is out of range ({}..={})",
-                    MTU_RANGE.start(),
-                    MTU_RANGE.end()
-                )))
-            }
-            Some(m) => Some(m as u16),
-            None => None,
-        };
-        let q = raw.queue_size;
-        if !(2..=u32::from(MAX_QUEUE_SIZE)).contains(&q) || !q.is_power_of_two() {
-            return Err(Error::InvalidArgument(format!(
-                "--queue-size {q} must be a power of two from 2 to {MAX_QUEUE_SIZE}"
-            )));
-        }
-        if !(1..=u32::from(MAX_QUEUE_PAIRS)).contains(&raw.queues) {
-            return Err(Error::InvalidArgument(format!(
-                "--queues {} is out of range (1..={MAX_QUEUE_PAIRS})",
-                raw.queues
-            )));
-        }
-        if let Some(cpus) = &raw.cpu_affinity {
-            if cpus.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "--cpu-affinity needs at least one CPU".into(),
-                ));
-            }
-        }
-        if raw.busy_poll_us > MAX_BUSY_POLL_US {
-            return Err(Error::InvalidArgument(format!(
-                "--busy-poll-us {} is out of range (0..={MAX_BUSY_POLL_US})",
-                raw.busy_poll_us
-            )));
-        }
-        let busy_poll =
-            (raw.busy_poll_us > 0).then(|| Duration::from_micros(u64::from(raw.busy_poll_us)));
-        let socket_mode = crate::privileges::parse_mode(&raw.socket_mode).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "--socket-mode {} is not an octal permission mode like 0660",
-                raw.socket_mode
-            ))
-        })?;
         Ok(Config {
             endpoint,
-            interface: raw.interface,
-            mac,
-            mtu,
-            queue_size: q as u16,
-            queue_pairs: raw.queues as u16,
-            cpu_affinity: raw.cpu_affinity,
-            qdisc_bypass: raw.qdisc_bypass,
-            busy_poll,
-            promisc: raw.promisc,
-            allow_mac_spoofing: raw.allow_mac_spoofing,
-            socket_mode,
-            socket_group: raw.socket_group,
-            user: raw.user,
-            vnet_header: if raw.legacy_vnet_header {
-                VnetHeaderMode::Legacy10
-            } else {
-                VnetHeaderMode::Auto
-            },
+            // clap requires it unless a subcommand runs instead.
+            interface: cli.interface.unwrap_or_default(),
+            mac: cli.mac,
+            mtu: cli.mtu,
+            queue_size: cli.queue_size,
+            queue_pairs: cli.queues,
+            cpu_affinity: cli.cpu_affinity.map(|l| l.0),
+            qdisc_bypass: cli.qdisc_bypass,
+            busy_poll: (cli.busy_poll_us > 0)
+                .then(|| Duration::from_micros(u64::from(cli.busy_poll_us))),
+            promisc: cli.promisc,
+            allow_mac_spoofing: cli.allow_mac_spoofing,
+            vnet_header: cli.vnet_hdr,
+            socket_mode: cli.socket_mode,
+            socket_group: cli.socket_group,
+            user: cli.user,
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
-    fn raw() -> RawConfig {
-        RawConfig {
-            socket: Some("/run/vhost-packet/net0.sock".into()),
-            interface: "eth3".into(),
-            queue_size: 1024,
-            queues: 1,
-            socket_mode: "0600".into(),
-            ..Default::default()
-        }
+    const BASE: &[&str] = &[
+        "vhost-packet",
+        "--socket",
+        "/run/vhost-packet/net0.sock",
+        "-i",
+        "eth3",
+    ];
+
+    /// The configuration of `BASE` and `more`, or the one-line message of what is wrong.
+    fn config(more: &[&str]) -> Result<Config, String> {
+        config_with(more, None)
+    }
+
+    fn config_with(more: &[&str], inherited: Option<InheritedSocket>) -> Result<Config, String> {
+        let mut cli = Cli::try_parse_from(BASE.iter().chain(more)).map_err(|e| e.to_string())?;
+        cli.inherited = inherited;
+        Config::try_from(cli).map_err(|e| e.to_string())
     }
 
     #[test]
     fn defaults_validate() {
-        let c = Config::validate(raw()).unwrap();
+        let c = config(&[]).unwrap();
         assert_eq!(
             c.endpoint,
             Endpoint::Server("/run/vhost-packet/net0.sock".into())
         );
         assert_eq!(c.mtu, None);
+        assert_eq!(c.queue_size, MAX_QUEUE_SIZE);
+        assert_eq!(c.queue_pairs, 1);
+        assert_eq!(c.socket_mode, 0o600);
         assert_eq!(c.vnet_header, VnetHeaderMode::Auto);
         assert_eq!(c.mac, None, "learned from the guest");
         assert!(c.config_mac().is_unicast());
         assert_eq!(c.config_mac().0[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn typed_values_arrive_typed() {
+        let c = config(&[
+            "--mac",
+            "52:54:00:12:34:56",
+            "--mtu",
+            "9000",
+            "--queue-size",
+            "256",
+            "--socket-mode",
+            "0660",
+            "--vnet-hdr",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(c.mac, Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
+        assert_eq!(
+            (c.mtu, c.queue_size, c.socket_mode),
+            (Some(9000), 256, 0o660)
+        );
+        assert_eq!(c.vnet_header, VnetHeaderMode::Legacy10);
     }
 
     #[test]
@@ -385,34 +384,17 @@ mod tests {
             assert!(e.contains(why), "{bad:?}: {e}");
             assert!(e.starts_with(&format!("invalid CPU list '{bad}'")), "{e}");
         }
-        let c = Config::validate(RawConfig {
-            queues: 4,
-            cpu_affinity: Some(vec![1, 0]),
-            ..raw()
-        })
-        .unwrap();
+        let c = config(&["--queues", "4", "--cpu-affinity", "1,0"]).unwrap();
         assert_eq!((c.queue_pairs, c.cpu_affinity), (4, Some(vec![1, 0])));
     }
 
     #[test]
     fn busy_poll_is_off_at_zero_and_bounded() {
-        assert_eq!(Config::validate(raw()).unwrap().busy_poll, None);
-        let c = Config::validate(RawConfig {
-            busy_poll_us: 50,
-            ..raw()
-        })
-        .unwrap();
+        assert_eq!(config(&[]).unwrap().busy_poll, None);
+        let c = config(&["--busy-poll-us", "50"]).unwrap();
         assert_eq!(c.busy_poll, Some(Duration::from_micros(50)));
-        let e = Config::validate(RawConfig {
-            busy_poll_us: MAX_BUSY_POLL_US + 1,
-            ..raw()
-        })
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("--busy-poll-us 1000001 is out of range"),
-            "{e}"
-        );
+        let e = config(&["--busy-poll-us", "1000001"]).unwrap_err();
+        assert!(e.contains("1000001 is not in 0..=1000000"), "{e}");
     }
 
     #[test]
@@ -421,24 +403,17 @@ mod tests {
             fd: 3,
             path: Some("/run/vhost-packet/net0.sock".into()),
         };
-        let c = Config::validate(RawConfig {
-            socket: None,
-            inherited: Some(inherited.clone()),
-            ..raw()
-        })
-        .unwrap();
+        let mut cli = Cli::try_parse_from(["vhost-packet", "-i", "eth3"]).unwrap();
+        cli.inherited = Some(inherited.clone());
+        let c = Config::try_from(cli).unwrap();
         assert_eq!(c.endpoint, Endpoint::Inherited(inherited.clone()));
         assert_eq!(
-            c.mac,
-            Config::validate(raw()).unwrap().mac,
+            c.config_mac(),
+            config(&[]).unwrap().config_mac(),
             "same path, same MAC"
         );
-        let e = Config::validate(RawConfig {
-            inherited: Some(inherited),
-            ..raw()
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("exclude each other"), "{e}");
+        let e = config_with(&[], Some(inherited)).unwrap_err();
+        assert!(e.contains("exclude each other"), "{e}");
     }
 
     #[test]
@@ -467,58 +442,52 @@ mod tests {
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
-        let mut r = raw();
-        r.mac = Some("01:00:5e:00:00:01".into());
-        assert!(Config::validate(r)
+        assert!(config(&["--mac", "01:00:5e:00:00:01"])
             .unwrap_err()
-            .to_string()
             .contains("multicast"));
     }
 
     #[test]
     fn bad_values_get_one_clear_message() {
-        type Tweak = Box<dyn Fn(&mut RawConfig)>;
-        let cases: Vec<(Tweak, &str)> = vec![
+        for (args, want) in [
             (
-                Box::new(|r| r.mtu = Some(67)),
+                &["--mtu", "67"][..],
                 "--mtu 67 is out of range (68..=65535)",
             ),
+            (&["--mtu", "70000"], "--mtu 70000 is out of range"),
             (
-                Box::new(|r| r.mtu = Some(70000)),
-                "--mtu 70000 is out of range",
-            ),
-            (
-                Box::new(|r| r.queue_size = 2048),
+                &["--queue-size", "2048"],
                 "--queue-size 2048 must be a power of two",
             ),
+            (&["--queue-size", "1000"], "--queue-size 1000"),
+            (&["--queues", "0"], "0 is not in 1..=32"),
+            (&["--queues", "33"], "33 is not in 1..=32"),
             (
-                Box::new(|r| r.queues = 0),
-                "--queues 0 is out of range (1..=32)",
+                &["--socket-mode", "0999"],
+                "--socket-mode 0999 is not an octal permission mode",
             ),
-            (Box::new(|r| r.queues = 33), "--queues 33 is out of range"),
-            (
-                Box::new(|r| r.cpu_affinity = Some(vec![])),
-                "--cpu-affinity needs at least one CPU",
-            ),
-            (Box::new(|r| r.queue_size = 1000), "--queue-size 1000"),
-            (
-                Box::new(|r| r.interface = "a-very-long-interface-name".into()),
-                "invalid interface name",
-            ),
-            (
-                Box::new(|r| r.socket = None),
-                "one of --socket-path PATH, --fd N or --client PATH",
-            ),
-            (
-                Box::new(|r| r.client = Some("/x".into())),
-                "exclude each other",
-            ),
-        ];
-        for (tweak, want) in cases {
-            let mut r = raw();
-            tweak(&mut r);
-            let msg = Config::validate(r).unwrap_err().to_string();
+            (&["--vnet-hdr", "12"], "invalid value '12' for '--vnet-hdr"),
+            (&["--client", "/x"], "cannot be used with"),
+        ] {
+            let msg = config(args).unwrap_err();
             assert!(msg.contains(want), "{msg:?} should contain {want:?}");
         }
+        for name in ["a-very-long-interface-name", "", "a/b"] {
+            let e =
+                Cli::try_parse_from(["vhost-packet", "--socket", "/x", "-i", name]).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("invalid interface name '{name}'")),
+                "{msg}"
+            );
+        }
+        let msg = Cli::try_parse_from(["vhost-packet", "-i", "eth3"])
+            .map_err(|e| e.to_string())
+            .and_then(|cli| Config::try_from(cli).map_err(|e| e.to_string()))
+            .unwrap_err();
+        assert!(
+            msg.contains("one of --socket-path PATH, --fd N or --client PATH"),
+            "{msg}"
+        );
     }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
+use indexmap::IndexMap;
 use log::warn;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::NetBackend;
 use crate::stats::{Direction, PairStats};
@@ -73,68 +75,11 @@ impl Snapshot {
 }
 
 impl Snapshot {
+    /// `stats --json`: one line of [`StatsJson`].
     pub fn to_json(&self) -> String {
-        let mut j = String::new();
-        let _ = write!(
-            j,
-            "{{\"interface\":\"{}\",\"guest_mac\":{},\"connected\":{},",
-            json_escape(&self.interface),
-            self.guest_mac
-                .as_ref()
-                .map_or("null".to_owned(), |m| format!("\"{m}\"")),
-            self.acked_features.is_some()
-        );
-        match self.acked_features {
-            Some(f) => {
-                let _ = write!(
-                    j,
-                    "\"acked_features\":\"{f:#x}\",\"acked_feature_names\":\"{}\",",
-                    features::describe(f)
-                );
-            }
-            None => j.push_str("\"acked_features\":null,\"acked_feature_names\":null,"),
-        }
-        j.push_str("\"queue_pairs\":[");
-        for (i, pair) in self.pairs.iter().enumerate() {
-            if i > 0 {
-                j.push(',');
-            }
-            let (rx_on, tx_on) = self.enabled(i);
-            let _ = write!(
-                j,
-                "{{\"index\":{i},\"rx_enabled\":{rx_on},\"tx_enabled\":{tx_on}"
-            );
-            let counters = pair.counters();
-            for direction in [Direction::Rx, Direction::Tx] {
-                let _ = write!(j, ",\"{}\":{{", direction.name());
-                let mine: Vec<_> = counters
-                    .iter()
-                    .filter(|c| c.direction == direction)
-                    .collect();
-                for (k, c) in mine.iter().filter(|c| !c.drop).enumerate() {
-                    let _ = write!(
-                        j,
-                        "{}\"{}\":{}",
-                        if k > 0 { "," } else { "" },
-                        c.name,
-                        c.value
-                    );
-                }
-                j.push_str(",\"drops\":{");
-                for (k, c) in mine.iter().filter(|c| c.drop).enumerate() {
-                    let _ = write!(
-                        j,
-                        "{}\"{}\":{}",
-                        if k > 0 { "," } else { "" },
-                        c.name,
-                        c.value
-                    );
-                }
-                j.push_str("}}");
-            }
-            j.push('}');
-        }
-        j.push_str("]}\n");
+        let mut j = serde_json::to_string(&StatsJson::from(self))
+            .expect("serializing strings, numbers and maps cannot fail");
+        j.push('\n');
         j
     }
 
@@ -205,14 +150,76 @@ impl Snapshot {
     }
 }
 
-fn json_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| match c {
-            '"' | '\\' => vec!['\\', c],
-            c if (c as u32) < 0x20 => format!("\\u{:04x}", c as u32).chars().collect(),
-            c => vec![c],
-        })
-        .collect()
+/// The answer to `stats --json`, field for field (tests read it back with these types).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsJson {
+    pub interface: String,
+    /// `None` while vhost-packet is learning it.
+    pub guest_mac: Option<String>,
+    pub connected: bool,
+    /// In hex (`0x8000`); `None` when no frontend is connected.
+    pub acked_features: Option<String>,
+    pub acked_feature_names: Option<String>,
+    pub queue_pairs: Vec<PairJson>,
+}
+
+/// One queue pair in [`StatsJson`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairJson {
+    pub index: usize,
+    pub rx_enabled: bool,
+    pub tx_enabled: bool,
+    pub rx: DirectionJson,
+    pub tx: DirectionJson,
+}
+
+/// One direction's counters by name, in [`PairStats::counters`] order, drops apart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionJson {
+    #[serde(flatten)]
+    pub counters: IndexMap<String, u64>,
+    pub drops: IndexMap<String, u64>,
+}
+
+impl From<&Snapshot> for StatsJson {
+    fn from(s: &Snapshot) -> StatsJson {
+        StatsJson {
+            interface: s.interface.clone(),
+            guest_mac: s.guest_mac.clone(),
+            connected: s.acked_features.is_some(),
+            acked_features: s.acked_features.map(|f| format!("{f:#x}")),
+            acked_feature_names: s.acked_features.map(features::describe),
+            queue_pairs: s
+                .pairs
+                .iter()
+                .enumerate()
+                .map(|(index, pair)| {
+                    let (rx_enabled, tx_enabled) = s.enabled(index);
+                    let mut rx = DirectionJson::default();
+                    let mut tx = DirectionJson::default();
+                    for c in pair.counters() {
+                        let direction = match c.direction {
+                            Direction::Rx => &mut rx,
+                            Direction::Tx => &mut tx,
+                        };
+                        let map = if c.drop {
+                            &mut direction.drops
+                        } else {
+                            &mut direction.counters
+                        };
+                        map.insert(c.name.to_owned(), c.value);
+                    }
+                    PairJson {
+                        index,
+                        rx_enabled,
+                        tx_enabled,
+                        rx,
+                        tx,
+                    }
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Answers counter requests on `listener` for as long as the process lives.
@@ -392,6 +399,16 @@ mod golden {
             &two_pairs().to_json(),
             include_str!("golden/stats.json"),
         );
+    }
+
+    #[test]
+    fn json_reads_back_into_the_typed_answer() {
+        let two = two_pairs();
+        let read: StatsJson = serde_json::from_str(&two.to_json()).unwrap();
+        assert_eq!(read, StatsJson::from(&two));
+        assert_eq!(read.queue_pairs[1].tx.counters["bytes"], 9);
+        assert_eq!(read.queue_pairs[0].tx.drops["spoofed"], 2);
+        assert!(!read.queue_pairs[0].rx.counters.contains_key("drops"));
     }
 
     #[test]

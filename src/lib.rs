@@ -6,6 +6,7 @@
 pub mod activation;
 pub mod affinity;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -1,6 +1,6 @@
 //! Command line, logging and signals; everything else lives in the library.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,165 +13,10 @@ use vhost_packet::activation::{self, InheritedSocket};
 use vhost_packet::control::{Format, Snapshot};
 use vhost_packet::metrics;
 
-use vhost_packet::config::{
-    parse_cpu_list, Config, RawConfig, MAX_BUSY_POLL_US, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
-};
+use vhost_packet::cli::{Cli, Command, StatsFormat};
+use vhost_packet::config::Config;
 use vhost_packet::daemon::Daemon;
 use vhost_packet::signals::{self, Signal};
-
-/// A vhost-user virtio-net backend over an AF_PACKET socket.
-///
-/// Serves a virtio-net device to QEMU (`-netdev vhost-user`) or a DPDK virtio-user port and
-/// moves its frames through IFNAME, keeping checksum and segmentation offloads end to end.
-/// Needs CAP_NET_RAW. Never daemonizes; SIGINT/SIGTERM end it, SIGUSR1 logs the counters.
-#[derive(Parser, Debug)]
-#[command(
-    version,
-    about,
-    long_about,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-
-    /// Listen on this vhost-user UNIX socket (server mode); the frontend connects to it.
-    /// Reconnections are accepted forever. `--socket` is the same option.
-    #[arg(
-        long = "socket-path",
-        visible_alias = "socket",
-        value_name = "PATH",
-        conflicts_with_all = ["client", "fd"]
-    )]
-    socket_path: Option<PathBuf>,
-
-    /// Serve the listening vhost-user socket inherited as this file descriptor (the caller
-    /// made it and removes it). Without --socket-path, --fd or --client, a socket passed by
-    /// systemd socket activation (LISTEN_FDS) is served.
-    #[arg(long, value_name = "FDNUM", conflicts_with = "client")]
-    fd: Option<i32>,
-
-    /// Print the backend's capabilities as JSON (QEMU's vhost-user.json schema, type "net")
-    /// and exit; every other option is ignored.
-    #[arg(long)]
-    print_capabilities: bool,
-
-    /// Serve the counters at http://ADDR:PORT/metrics in Prometheus text format (off by
-    /// default; e.g. 127.0.0.1:9870).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-
-    /// Connect to a frontend listening on this socket (QEMU `server=on`), retrying until it
-    /// appears and again after each disconnect.
-    #[arg(long, value_name = "PATH")]
-    client: Option<PathBuf>,
-
-    /// Host interface to attach to (NIC, VF, macvlan, veth).
-    #[arg(long, short = 'i', value_name = "IFNAME", required = true)]
-    interface: Option<String>,
-
-    /// The guest's MAC: the only source it may send from and the unicast address it receives
-    /// for, from the start [default: learned from the first frame the guest sends (until then
-    /// it receives broadcast and multicast only); the config space then offers a stable
-    /// locally administered address derived from the socket path, which QEMU ignores].
-    #[arg(long, value_name = "MAC")]
-    mac: Option<String>,
-
-    /// MTU advertised to the guest, 68 to 65535 and at most the interface MTU
-    /// [default: the interface MTU].
-    #[arg(long, value_name = "BYTES")]
-    mtu: Option<u32>,
-
-    /// Largest virtqueue size the frontend may configure (a power of two).
-    #[arg(long, value_name = "N", default_value_t = u32::from(MAX_QUEUE_SIZE))]
-    queue_size: u32,
-
-    /// RX/TX queue pairs (1 to 32), each with its own worker thread and packet socket; with
-    /// more than one the guest gets VIRTIO_NET_F_MQ and incoming flows are spread over the
-    /// pairs it enables. Give QEMU `-netdev vhost-user,...,queues=N` and
-    /// `-device virtio-net-pci,...,mq=on`.
-    #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_QUEUE_PAIRS)))]
-    queues: u32,
-
-    /// CPUs for the queue pairs' workers, as `taskset -c` takes them (`0,1`, `0-3`): the
-    /// worker of pair i runs on the i-th CPU listed, round robin [default: wherever the
-    /// scheduler puts them].
-    #[arg(long, value_name = "LIST", value_parser = cpu_list)]
-    cpu_affinity: Option<CpuList>,
-
-    /// After each burst, keep polling the guest's TX ring and the packet socket for this
-    /// long before sleeping again (0: never poll). Lower latency at the cost of CPU: a
-    /// worker spins while traffic is at most this far apart, and the guest need not kick
-    /// meanwhile. Up to 1000000 (one second).
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_BUSY_POLL_US)))]
-    busy_poll_us: u32,
-
-    /// Send with PACKET_QDISC_BYPASS: faster, but skips the interface's qdisc, and GSO frames
-    /// the device cannot segment itself are dropped.
-    #[arg(long)]
-    qdisc_bypass: bool,
-
-    /// Put the interface in promiscuous mode and hand the guest every frame, instead of only
-    /// those for its MAC, broadcast and multicast.
-    #[arg(long)]
-    promisc: bool,
-
-    /// Let the guest send frames whose source MAC is not its own (dropped and counted
-    /// otherwise).
-    #[arg(long)]
-    allow_mac_spoofing: bool,
-
-    /// Permission bits of the vhost-user socket (octal).
-    #[arg(long, value_name = "MODE", default_value = "0600")]
-    socket_mode: String,
-
-    /// Group of the vhost-user socket (name or number), e.g. the one QEMU runs as, with
-    /// `--socket-mode 0660`.
-    #[arg(long, value_name = "GROUP")]
-    socket_group: Option<String>,
-
-    /// Once the sockets are open, switch to this user (name or number) and keep no
-    /// capabilities. The vhost-user socket is given to it.
-    #[arg(long, value_name = "USER")]
-    user: Option<String>,
-
-    /// Virtio net header on the packet socket: `auto` uses PACKET_VNET_HDR_SZ where the
-    /// kernel has it and falls back to 10 bytes where not; `10` forces that fallback.
-    #[arg(long, value_name = "auto|10", default_value = "auto", value_parser = ["auto", "10"])]
-    vnet_hdr: String,
-
-    /// More log output (-v debug, -vv trace).
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-}
-
-#[derive(clap::Subcommand, Debug)]
-enum Command {
-    /// Print the counters of a running vhost-packet (per queue pair: packets, bytes, GSO,
-    /// drops by reason, notifications, kicks).
-    Stats {
-        /// The vhost-user socket (or --client path) the daemon serves.
-        #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
-        socket: PathBuf,
-        /// JSON instead of a table (`--format json`).
-        #[arg(long, conflicts_with = "format")]
-        json: bool,
-        /// Output format; `prometheus` is the text exposition node_exporter's textfile
-        /// collector reads.
-        #[arg(long, value_enum, default_value = "table")]
-        format: StatsFormat,
-    },
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum StatsFormat {
-    Table,
-    Json,
-    Prometheus,
-}
 
 /// What `--print-capabilities` prints: `VHostUserBackendCapabilities` of QEMU's
 /// docs/interop/vhost-user.json, whose `net` type has no members beyond `type`.
@@ -179,14 +24,6 @@ enum StatsFormat {
 struct Capabilities {
     #[serde(rename = "type")]
     kind: &'static str,
-}
-
-/// A parsed `--cpu-affinity` (a newtype: clap would take a bare `Vec` for a repeated option).
-#[derive(Clone, Debug)]
-struct CpuList(Vec<usize>);
-
-fn cpu_list(s: &str) -> Result<CpuList, String> {
-    parse_cpu_list(s).map(CpuList)
 }
 
 fn main() -> ExitCode {
@@ -311,10 +148,10 @@ fn inherited(
     }
 }
 
-fn run(cli: Cli, activated: Result<Vec<RawFd>, String>) -> Result<(), vhost_packet::Error> {
+fn run(mut cli: Cli, activated: Result<Vec<RawFd>, String>) -> Result<(), vhost_packet::Error> {
     // Before any thread exists, so that all of them inherit the mask.
     signals::block().map_err(vhost_packet::Error::Signals)?;
-    let inherited = inherited(&cli, activated)?;
+    cli.inherited = inherited(&cli, activated)?;
     // Bound before privileges are dropped (Daemon::new), so a low port works as root.
     let metrics = cli
         .metrics
@@ -324,25 +161,7 @@ fn run(cli: Cli, activated: Result<Vec<RawFd>, String>) -> Result<(), vhost_pack
                 .map_err(|source| vhost_packet::Error::Metrics { addr, source })
         })
         .transpose()?;
-    let config = Config::validate(RawConfig {
-        socket: cli.socket_path,
-        client: cli.client,
-        inherited,
-        interface: cli.interface.unwrap_or_default(),
-        mac: cli.mac,
-        mtu: cli.mtu,
-        queue_size: cli.queue_size,
-        queues: cli.queues,
-        cpu_affinity: cli.cpu_affinity.map(|l| l.0),
-        qdisc_bypass: cli.qdisc_bypass,
-        busy_poll_us: cli.busy_poll_us,
-        promisc: cli.promisc,
-        allow_mac_spoofing: cli.allow_mac_spoofing,
-        socket_mode: cli.socket_mode,
-        socket_group: cli.socket_group,
-        user: cli.user,
-        legacy_vnet_header: cli.vnet_hdr == "10",
-    })?;
+    let config = Config::try_from(cli)?;
     let interface = config.interface.clone();
     let daemon = Daemon::new(config)?;
     if let Some((addr, listener)) = metrics {

@@ -7,6 +7,8 @@
 use std::fmt;
 use std::io;
 
+use crate::config::MacAddr;
+
 /// What a `PACKET_ADD_MEMBERSHIP` / `PACKET_DROP_MEMBERSHIP` request was about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {
@@ -19,27 +21,18 @@ pub enum Membership {
 impl fmt::Display for Membership {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Membership::Unicast(mac) => write!(f, "unicast membership for {}", MacDisplay(mac)),
+            Membership::Unicast(mac) => write!(f, "unicast membership for {}", MacAddr(*mac)),
             Membership::Promisc => f.write_str("promiscuous membership"),
         }
     }
 }
 
-/// Formats a borrowed MAC address as `02:00:00:00:00:01`, as `config::MacAddr` does.
-pub(crate) struct MacDisplay<'a>(pub(crate) &'a [u8; 6]);
-
-impl fmt::Display for MacDisplay<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // One MAC formatter for the crate: config's `MacAddr`.
-        fmt::Display::fmt(&crate::config::MacAddr(*self.0), f)
-    }
-}
-
 /// A failed step while looking up an interface or setting up a packet socket.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PacketError {
     /// The interface name is empty, not shorter than `IFNAMSIZ` (16) or contains a NUL byte.
+    #[error("checking interface name {name:?}: {source}")]
     InvalidInterfaceName {
         /// The rejected name.
         name: String,
@@ -47,11 +40,13 @@ pub enum PacketError {
         source: io::Error,
     },
     /// `socket(AF_INET, SOCK_DGRAM)` for the interface ioctls failed.
+    #[error("opening control socket for interface ioctls: {source}")]
     OpenControlSocket {
         /// The error from socket(2).
         source: io::Error,
     },
     /// `SIOCGIFINDEX` failed, typically `ENODEV`: no such interface in this network namespace.
+    #[error("looking up interface {name}: {source}")]
     LookupInterface {
         /// The interface name.
         name: String,
@@ -59,6 +54,7 @@ pub enum PacketError {
         source: io::Error,
     },
     /// Reading an interface attribute (MTU, flags, hardware address) failed.
+    #[error("reading {what} of interface {name}: {source}")]
     QueryInterface {
         /// The interface name.
         name: String,
@@ -68,11 +64,13 @@ pub enum PacketError {
         source: io::Error,
     },
     /// `socket(AF_PACKET, SOCK_RAW)` failed. `EPERM`/`EACCES` means CAP_NET_RAW is missing.
+    #[error("opening packet socket: {}", open_socket_cause(source))]
     OpenSocket {
         /// The error from socket(2).
         source: io::Error,
     },
     /// A `setsockopt` on the packet socket failed.
+    #[error("setting {option}={value} on packet socket for {iface}: {source}")]
     SetOption {
         /// The interface the socket is for.
         iface: String,
@@ -85,6 +83,7 @@ pub enum PacketError {
     },
     /// `bind` to the interface failed (`ENODEV`: it vanished since the lookup). A down
     /// interface is not an error here; see `PacketSocket::open`.
+    #[error("binding packet socket to {iface}: {source}")]
     Bind {
         /// The interface name.
         iface: String,
@@ -92,6 +91,7 @@ pub enum PacketError {
         source: io::Error,
     },
     /// `PACKET_ADD_MEMBERSHIP` failed.
+    #[error("adding {membership} on {iface}: {source}")]
     AddMembership {
         /// The interface name.
         iface: String,
@@ -102,6 +102,7 @@ pub enum PacketError {
     },
     /// `PACKET_DROP_MEMBERSHIP` failed (rare: the kernel accepts dropping a membership the
     /// socket does not hold; only a malformed request such as a too-long address fails).
+    #[error("dropping {membership} on {iface}: {source}")]
     DropMembership {
         /// The interface name.
         iface: String,
@@ -139,76 +140,18 @@ impl PacketError {
     }
 }
 
-/// std formats OS errors as "Operation not permitted (os error 1)"; for the capability hint the
-/// errno suffix is replaced by the hint so the line stays readable. `source()` keeps the errno.
-fn without_errno_suffix(err: &io::Error) -> String {
+/// The cause of a failed `socket(AF_PACKET)`. For lack of privilege, std's " (os error N)"
+/// suffix gives way to the capability hint so that the line stays readable; `source()` keeps
+/// the errno.
+fn open_socket_cause(err: &io::Error) -> String {
     let text = err.to_string();
     match err.raw_os_error() {
-        Some(code) => {
+        Some(code @ (libc::EPERM | libc::EACCES)) => {
             let suffix = format!(" (os error {code})");
-            text.strip_suffix(&suffix)
-                .map(str::to_owned)
-                .unwrap_or(text)
+            let text = text.strip_suffix(&suffix).unwrap_or(&text);
+            format!("{text} (CAP_NET_RAW is required)")
         }
-        None => text,
-    }
-}
-
-impl fmt::Display for PacketError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PacketError::InvalidInterfaceName { name, source } => {
-                write!(f, "checking interface name {name:?}: {source}")
-            }
-            PacketError::OpenControlSocket { source } => {
-                write!(f, "opening control socket for interface ioctls: {source}")
-            }
-            PacketError::LookupInterface { name, source } => {
-                write!(f, "looking up interface {name}: {source}")
-            }
-            PacketError::QueryInterface { name, what, source } => {
-                write!(f, "reading {what} of interface {name}: {source}")
-            }
-            PacketError::OpenSocket { source } => {
-                if self.is_permission_denied() {
-                    write!(
-                        f,
-                        "opening packet socket: {} (CAP_NET_RAW is required)",
-                        without_errno_suffix(source)
-                    )
-                } else {
-                    write!(f, "opening packet socket: {source}")
-                }
-            }
-            PacketError::SetOption {
-                iface,
-                option,
-                value,
-                source,
-            } => write!(
-                f,
-                "setting {option}={value} on packet socket for {iface}: {source}"
-            ),
-            PacketError::Bind { iface, source } => {
-                write!(f, "binding packet socket to {iface}: {source}")
-            }
-            PacketError::AddMembership {
-                iface,
-                membership,
-                source,
-            } => write!(f, "adding {membership} on {iface}: {source}"),
-            PacketError::DropMembership {
-                iface,
-                membership,
-                source,
-            } => write!(f, "dropping {membership} on {iface}: {source}"),
-        }
-    }
-}
-
-impl std::error::Error for PacketError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(self.io_error())
+        _ => text,
     }
 }
 

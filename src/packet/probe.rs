@@ -120,8 +120,7 @@ const HDRS_LEN: usize = L4_OFF + UDP_LEN;
 
 /// `[vnet header (hdr_len bytes)][Ethernet][IPv4][UDP][payload]` with a USO vnet header.
 fn uso_probe_packet(vnet_len: usize) -> Vec<u8> {
-    const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-    const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
+    use crate::virtio::header::{FLAG_NEEDS_CSUM, GSO_UDP_L4};
     const GSO_SIZE: u16 = 100;
     // offsetof(struct udphdr, check)
     const UDP_CSUM_OFFSET: u16 = 6;
@@ -129,8 +128,8 @@ fn uso_probe_packet(vnet_len: usize) -> Vec<u8> {
     let mut p = vec![0u8; vnet_len + HDRS_LEN + PAYLOAD_LEN];
     // The vnet header uses legacy virtio endianness here, i.e. host order.
     let (hdr, frame) = p.split_at_mut(vnet_len);
-    hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    hdr[1] = VIRTIO_NET_HDR_GSO_UDP_L4;
+    hdr[0] = FLAG_NEEDS_CSUM;
+    hdr[1] = GSO_UDP_L4;
     hdr[2..4].copy_from_slice(&(HDRS_LEN as u16).to_ne_bytes());
     hdr[4..6].copy_from_slice(&GSO_SIZE.to_ne_bytes());
     hdr[6..8].copy_from_slice(&(L4_OFF as u16).to_ne_bytes());

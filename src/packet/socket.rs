@@ -11,13 +11,14 @@ use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::error::{MacDisplay, Membership, PacketError};
+use super::error::{Membership, PacketError};
 pub use super::filter::DestinationFilter;
 use super::interface::Interface;
 use super::sys::{
     bind_to, getsockopt_int, open_raw, packet_statistics, set_membership, set_program,
     setsockopt_int,
 };
+use crate::config::MacAddr;
 
 /// `struct virtio_net_hdr`: what the kernel reads/writes in [`VnetMode::Legacy10`].
 pub const VNET_HDR_LEN: usize = 10;
@@ -268,7 +269,7 @@ impl PacketSocket {
             sock.vnet_mode,
             kernel_hdr_len,
             opts.qdisc_bypass,
-            MacDisplay(&opts.guest_mac)
+            MacAddr(opts.guest_mac)
         );
         Ok(sock)
     }

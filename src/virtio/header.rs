@@ -6,24 +6,27 @@
 
 use std::fmt;
 
+use virtio_bindings::virtio_net as vn;
+
 /// Length of the header without `num_buffers`.
 pub const LEN_BASE: usize = 10;
 /// Length of the header with `num_buffers` (MRG_RXBUF or VERSION_1).
 pub const LEN_MRG: usize = 12;
 
+// The header's u8 fields take virtio-bindings' u32 constants.
 /// `flags`: the checksum from `csum_start` on still has to be computed.
-pub const FLAG_NEEDS_CSUM: u8 = 1;
+pub const FLAG_NEEDS_CSUM: u8 = vn::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
 /// `flags`: the checksum has been validated (receive side only).
-pub const FLAG_DATA_VALID: u8 = 2;
+pub const FLAG_DATA_VALID: u8 = vn::VIRTIO_NET_HDR_F_DATA_VALID as u8;
 
 /// `gso_type` values.
-pub const GSO_NONE: u8 = 0;
-pub const GSO_TCPV4: u8 = 1;
-pub const GSO_UDP: u8 = 3;
-pub const GSO_TCPV6: u8 = 4;
-pub const GSO_UDP_L4: u8 = 5;
+pub const GSO_NONE: u8 = vn::VIRTIO_NET_HDR_GSO_NONE as u8;
+pub const GSO_TCPV4: u8 = vn::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+pub const GSO_UDP: u8 = vn::VIRTIO_NET_HDR_GSO_UDP as u8;
+pub const GSO_TCPV6: u8 = vn::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
+pub const GSO_UDP_L4: u8 = vn::VIRTIO_NET_HDR_GSO_UDP_L4 as u8;
 /// `gso_type` flag: the TCP stream carries ECN (CWR set on the first segment).
-pub const GSO_ECN: u8 = 0x80;
+pub const GSO_ECN: u8 = vn::VIRTIO_NET_HDR_GSO_ECN as u8;
 
 mod field {
     use std::ops::Range;
