@@ -91,20 +91,69 @@ enum Adapted {
     Dropped,
 }
 
-/// Adapts a received frame to the guest, wherever it lies (`view` at `frame_at`): puts back a
-/// VLAN tag the interface stripped (`frame_len` then counts it), decides from the guest's
-/// features, completes a partial checksum it cannot take, and clears what it may not see.
-#[allow(clippy::too_many_arguments)]
+/// A received frame in a view: where it starts, its length (counting a VLAN tag to put back),
+/// and that tag, which the interface stripped.
+#[derive(Clone, Copy, Debug)]
+struct FrameSpan {
+    at: usize,
+    len: usize,
+    vlan: Option<VlanTag>,
+}
+
+/// Where a frame delivered whole lies.
+enum Landed {
+    /// Already in the staged guest buffers, after the header: this many bytes.
+    InGuest(usize),
+    /// In `RxPath::bounce`, this range: copied in after the header.
+    InBounce(std::ops::Range<usize>),
+}
+
+/// What shapes every packet of a pass, fixed by the negotiated features and the socket:
+/// worked out once per pass.
+#[derive(Clone, Copy, Debug)]
+struct RxGeometry {
+    /// The guest's virtio header: 10 or 12 bytes.
+    hdr_len: usize,
+    /// The header the socket writes before each frame: 10 or 12 bytes.
+    kernel_hdr: usize,
+    /// MRG_RXBUF: a packet may fill several chains.
+    mergeable: bool,
+    /// Receive into `RxPath::bounce` first, not straight into guest buffers.
+    bounce_first: bool,
+}
+
+impl RxGeometry {
+    fn new<S: FrameSource + ?Sized>(ctx: &RxContext<'_, S>) -> Self {
+        RxGeometry {
+            hdr_len: ctx.features.header_len(),
+            kernel_hdr: ctx.socket.kernel_vnet_header_len(),
+            mergeable: ctx.features.mrg_rxbuf(),
+            // A guest without TCP segmentation gets most of a TSO peer's traffic as segments:
+            // receive into our own buffer first, so that only what the guest is handed, at its
+            // final size, is ever written into its memory.
+            bounce_first: !ctx.features.guest_accepts_gso(GsoKind::TcpV4, false)
+                || !ctx.features.guest_accepts_gso(GsoKind::TcpV6, false)
+                || !ctx.features.guest_csum(),
+        }
+    }
+}
+
+/// Adapts a received frame to the guest, wherever it lies (in `view`): puts back a VLAN tag the
+/// interface stripped, decides from the guest's features, completes a partial checksum it
+/// cannot take, and clears what it may not see.
 fn adapt_frame<T: AsRef<[u8]> + AsMut<[u8]>>(
     view: &Scatter<'_>,
-    frame_at: usize,
-    frame_len: usize,
-    vlan: Option<VlanTag>,
+    frame: FrameSpan,
     hdr: &mut NetHeader<T>,
     features: Negotiated,
     stats: &mut PairStats,
     log: &mut RateLimit,
 ) -> Adapted {
+    let FrameSpan {
+        at: frame_at,
+        len: frame_len,
+        vlan,
+    } = frame;
     if let Some(tag) = vlan {
         // After the MAC addresses, where the interface took it from.
         let tag_at = frame_at + ETH_ADDRS_LEN;
@@ -363,17 +412,12 @@ impl RxPath {
         ctx: &mut RxContext<'_, S>,
         used: &mut UsedRing,
     ) -> RxOutcome {
-        let hdr_len = ctx.features.header_len();
-        let mergeable = ctx.features.mrg_rxbuf();
-        let kernel_hdr = ctx.socket.kernel_vnet_header_len();
-        // A guest without TCP segmentation gets most of a TSO peer's traffic as segments:
-        // receive into our own buffer first, so that only what the guest is handed, at its
-        // final size, is ever written into its memory.
-        let bounce_first = !ctx.features.guest_accepts_gso(GsoKind::TcpV4, false)
-            || !ctx.features.guest_accepts_gso(GsoKind::TcpV6, false)
-            || !ctx.features.guest_csum();
+        let geo = RxGeometry::new(ctx);
+        let RxGeometry {
+            hdr_len, mergeable, ..
+        } = geo;
         for round in 0..BUDGET {
-            if !self.deliver_segments(ctx, used, hdr_len, mergeable) {
+            if !self.deliver_segments(ctx, used, geo) {
                 return RxOutcome::NeedBuffers;
             }
             // The first two frames of a pass are looked at before chains are taken for them:
@@ -385,7 +429,7 @@ impl RxPath {
             if ctx.look_first
                 && round < 2
                 && mergeable
-                && !bounce_first
+                && !geo.bounce_first
                 && self.staged_bytes < MAX_FRAME + hdr_len
             {
                 let Some(len) = self.next_frame_len(ctx) else {
@@ -399,13 +443,7 @@ impl RxPath {
                 known_len = Some(len + hdr_len);
             }
             // Room for a VLAN tag to put back, if the guest has it.
-            self.stage(
-                ctx,
-                used,
-                hdr_len,
-                mergeable,
-                known_len.map(|n| n + VLAN_TAG_LEN),
-            );
+            self.stage(ctx, used, geo, known_len.map(|n| n + VLAN_TAG_LEN));
             let capacity = self.capacity(mergeable);
             if capacity == 0 {
                 return RxOutcome::NeedBuffers;
@@ -434,10 +472,10 @@ impl RxPath {
                     Some(_) => {}
                 }
             }
-            let received = if bounce_first {
-                self.receive_via_bounce(ctx, used, hdr_len, kernel_hdr, mergeable, capacity)
+            let received = if geo.bounce_first {
+                self.receive_via_bounce(ctx, used, geo, capacity)
             } else {
-                self.receive_one(ctx, used, hdr_len, kernel_hdr, mergeable, capacity)
+                self.receive_one(ctx, used, geo, capacity)
             };
             match received {
                 Ok(()) => self.end_refusals(ctx),
@@ -569,10 +607,12 @@ impl RxPath {
         &mut self,
         ctx: &mut RxContext<'_, S>,
         used: &mut UsedRing,
-        hdr_len: usize,
-        mergeable: bool,
+        geo: RxGeometry,
         want: Option<usize>,
     ) {
+        let RxGeometry {
+            hdr_len, mergeable, ..
+        } = geo;
         let size = ctx.queue.size();
         let want = want.unwrap_or(MAX_FRAME + hdr_len);
         loop {
@@ -649,16 +689,21 @@ impl RxPath {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Receives the next frame straight into the staged guest chains (through `bounce` when
+    /// the chains need more iovecs than one receive takes).
     fn receive_one<S: FrameSource + ?Sized>(
         &mut self,
         ctx: &mut RxContext<'_, S>,
         used: &mut UsedRing,
-        hdr_len: usize,
-        kernel_hdr: usize,
-        mergeable: bool,
+        geo: RxGeometry,
         capacity: usize,
     ) -> io::Result<()> {
+        let RxGeometry {
+            hdr_len,
+            kernel_hdr,
+            mergeable,
+            ..
+        } = geo;
         // A 10-byte kernel header in a 12-byte guest header leaves num_buffers as a hole.
         let hole = if kernel_hdr == LEN_BASE && hdr_len == LEN_MRG {
             LEN_BASE..LEN_MRG
@@ -677,11 +722,9 @@ impl RxPath {
             // More than one recvmsg takes (many tiny guest buffers): the kernel would refuse
             // the call and keep the frame. Receive it whole into our own buffer instead, and
             // copy it into the guest's.
-            return self.receive_via_bounce(ctx, used, hdr_len, kernel_hdr, mergeable, capacity);
+            return self.receive_via_bounce(ctx, used, geo, capacity);
         }
-        // SAFETY: every iovec was resolved from the current guest memory mapping, which the
-        // caller keeps alive for the whole pass, and covers writable guest buffers only.
-        let got = unsafe { ctx.socket.recv(&mut self.recv_iov)? };
+        let got = self.recv_into_guest(ctx)?;
         let scatter = Scatter::guest(ctx.mem, &self.arena[staged]);
         let tag_len = if got.vlan.is_some() { VLAN_TAG_LEN } else { 0 };
         let frame_len = got.len.saturating_sub(kernel_hdr) + tag_len;
@@ -700,11 +743,14 @@ impl RxPath {
         scatter.read_at(0, &mut hdr_bytes[..hdr_len]);
         let mut hdr = NetHeader::new_checked(&mut hdr_bytes[..hdr_len], hdr_len)
             .expect("header buffer sized by header_len");
+        let frame = FrameSpan {
+            at: hdr_len,
+            len: frame_len,
+            vlan: got.vlan,
+        };
         let adapted = adapt_frame(
             &scatter,
-            hdr_len,
-            frame_len,
-            got.vlan,
+            frame,
             &mut hdr,
             ctx.features,
             ctx.stats,
@@ -729,18 +775,58 @@ impl RxPath {
                     len: frame_len,
                     done: 0,
                 });
-                self.deliver_segments(ctx, used, hdr_len, mergeable);
+                self.deliver_segments(ctx, used, geo);
             }
-            Adapted::Deliver => {
-                let filled = self.chains_for(guest_len);
-                hdr.set_num_buffers(filled as u16);
-                let gso = hdr.gso_kind() != GsoKind::None;
-                scatter.write_at(0, &hdr_bytes[..hdr_len]);
-                self.complete(ctx, used, guest_len, filled);
-                count_delivered(ctx.stats, frame_len, gso, filled);
-            }
+            Adapted::Deliver => self.deliver_whole(
+                ctx,
+                used,
+                geo,
+                &mut hdr_bytes[..hdr_len],
+                Landed::InGuest(frame_len),
+            ),
         }
         Ok(())
+    }
+
+    /// Receives the next frame over `recv_iov` (carved from the staged guest chains): the one
+    /// receive that writes guest memory, so the one place to log the pages it dirties.
+    fn recv_into_guest<S: FrameSource + ?Sized>(
+        &mut self,
+        ctx: &mut RxContext<'_, S>,
+    ) -> io::Result<RecvLen> {
+        // SAFETY: every iovec was resolved from the current guest memory mapping, which the
+        // caller keeps alive for the whole pass, and covers writable guest buffers only.
+        let got = unsafe { ctx.socket.recv(&mut self.recv_iov)? };
+        Ok(got)
+    }
+
+    /// Delivers an adapted frame whole into the staged chains: its header (`hdr_bytes`, final
+    /// but for num_buffers), the frame itself if it is not there yet, and the used elements.
+    fn deliver_whole<S: FrameSource + ?Sized>(
+        &mut self,
+        ctx: &mut RxContext<'_, S>,
+        used: &mut UsedRing,
+        geo: RxGeometry,
+        hdr_bytes: &mut [u8],
+        frame: Landed,
+    ) {
+        let frame_len = match &frame {
+            Landed::InGuest(len) => *len,
+            Landed::InBounce(range) => range.len(),
+        };
+        let guest_len = geo.hdr_len + frame_len;
+        let filled = self.chains_for(guest_len);
+        let mut hdr = NetHeader::new_checked(&mut *hdr_bytes, geo.hdr_len)
+            .expect("header buffer sized by header_len");
+        hdr.set_num_buffers(filled as u16);
+        let gso = hdr.gso_kind() != GsoKind::None;
+        let scatter = Scatter::guest(ctx.mem, &self.arena[self.staged_iovs(geo.mergeable)]);
+        scatter.write_at(0, hdr_bytes);
+        if let Landed::InBounce(range) = frame {
+            scatter.write_at(geo.hdr_len, &self.bounce[range]);
+        }
+        self.complete(ctx, used, guest_len, filled);
+        count_delivered(ctx.stats, frame_len, gso, filled);
     }
 
     /// Delivers the segments of the pending GSO frame as packets of their own, each with its
@@ -751,15 +837,14 @@ impl RxPath {
         &mut self,
         ctx: &mut RxContext<'_, S>,
         used: &mut UsedRing,
-        hdr_len: usize,
-        mergeable: bool,
+        geo: RxGeometry,
     ) -> bool {
         let Some(pending) = self.pending else {
             return true;
         };
         let frame = std::mem::take(&mut self.bounce);
         let bytes = &frame[pending.start..pending.start + pending.len];
-        let (finished, sent) = self.emit_segments(ctx, used, bytes, &pending, hdr_len, mergeable);
+        let (finished, sent) = self.emit_segments(ctx, used, bytes, &pending, geo);
         self.bounce = frame;
         if finished {
             self.pending = None;
@@ -778,9 +863,11 @@ impl RxPath {
         used: &mut UsedRing,
         frame: &[u8],
         pending: &PendingGso,
-        hdr_len: usize,
-        mergeable: bool,
+        geo: RxGeometry,
     ) -> (bool, usize) {
+        let RxGeometry {
+            hdr_len, mergeable, ..
+        } = geo;
         let plan = match segment::plan(frame, &pending.params) {
             Ok(plan) => plan,
             Err(e) => {
@@ -801,7 +888,7 @@ impl RxPath {
                 return Ok(());
             }
             let guest_len = hdr_len + seg.len();
-            self.stage(ctx, used, hdr_len, mergeable, Some(guest_len));
+            self.stage(ctx, used, geo, Some(guest_len));
             let capacity = self.capacity(mergeable);
             if guest_len > capacity {
                 if !mergeable && capacity > 0 {
@@ -886,11 +973,14 @@ impl RxPath {
         &mut self,
         ctx: &mut RxContext<'_, S>,
         used: &mut UsedRing,
-        hdr_len: usize,
-        kernel_hdr: usize,
-        mergeable: bool,
+        geo: RxGeometry,
         capacity: usize,
     ) -> io::Result<()> {
+        let RxGeometry {
+            hdr_len,
+            kernel_hdr,
+            ..
+        } = geo;
         // Room for the kernel header, the largest frame, and a VLAN tag put back.
         grow(&mut self.bounce, LEN_MRG + MAX_FRAME + VLAN_TAG_LEN);
         let mut iov = [iovec {
@@ -913,47 +1003,45 @@ impl RxPath {
         if got.vlan.is_some() {
             frame_len += VLAN_TAG_LEN;
         }
-        let frame_at = kernel_hdr;
+        let frame = FrameSpan {
+            at: kernel_hdr,
+            len: frame_len,
+            vlan: got.vlan,
+        };
         let bounce = [VolatileSlice::from(&mut self.bounce[..])];
         let adapted = adapt_frame(
             &Scatter::slices(&bounce),
-            frame_at,
-            frame_len,
-            got.vlan,
+            frame,
             &mut hdr,
             ctx.features,
             ctx.stats,
             &mut self.log_limit,
         );
-        let guest_len = hdr_len + frame_len;
         match adapted {
             Adapted::Dropped => {}
             Adapted::Segment(csum) => {
                 self.pending = Some(PendingGso {
                     params: GsoParams::from_header(&hdr, csum),
-                    start: frame_at,
+                    start: frame.at,
                     len: frame_len,
                     done: 0,
                 });
-                self.deliver_segments(ctx, used, hdr_len, mergeable);
+                self.deliver_segments(ctx, used, geo);
             }
             // Only a VLAN tag put back can make a frame outgrow what was checked before.
-            Adapted::Deliver if guest_len > capacity => {
+            Adapted::Deliver if hdr_len + frame_len > capacity => {
                 ctx.stats.rx_drop_oversize += 1;
                 self.log(format_args!(
                     "RX: dropped a {frame_len}-byte frame: guest buffers hold {capacity} bytes"
                 ));
             }
-            Adapted::Deliver => {
-                let filled = self.chains_for(guest_len);
-                hdr.set_num_buffers(filled as u16);
-                let gso = hdr.gso_kind() != GsoKind::None;
-                let scatter = Scatter::guest(ctx.mem, &self.arena[self.staged_iovs(mergeable)]);
-                scatter.write_at(0, &hdr_bytes[..hdr_len]);
-                scatter.write_at(hdr_len, &self.bounce[frame_at..frame_at + frame_len]);
-                self.complete(ctx, used, guest_len, filled);
-                count_delivered(ctx.stats, frame_len, gso, filled);
-            }
+            Adapted::Deliver => self.deliver_whole(
+                ctx,
+                used,
+                geo,
+                &mut hdr_bytes[..hdr_len],
+                Landed::InBounce(frame.at..frame.at + frame_len),
+            ),
         }
         Ok(())
     }
